@@ -1,14 +1,389 @@
-"""Adapters for vision-language families (filled in per family)."""
+"""Adapters for the vision-language families: LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, Idefics3,
+SmolVLM and PaliGemma (transformers 5.x layouts).
+
+Each adapter turns chat rows into one LEFT-padded batch through the family's own processor (so image
+placeholders are expanded exactly as the checkpoint expects) and points the locators at the text
+decoder, never at the vision tower. Images go before the text in the user turn. A batch may mix rows
+with and without images in every family here (`mixed_image_batches` stays True); an adapter that
+could not would set it False and `encode` would refuse such a batch so the engine splits it.
+
+`load_local` loads a real checkpoint folder offline. Without torchvision the Qwen-VL and SmolVLM
+processors cannot build their video processor; the processor is then assembled with a stand-in that
+refuses video (guardrail only sends images).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
 
 from guardrail.errors import ModelError
 from guardrail.models.base import ModelAdapter
+from guardrail.types import ChatRow
 
-ADAPTERS: dict[str, type[ModelAdapter]] = {}
+
+# ----- processor helpers ---------------------------------------------------------------------------
+def _images_only_video_processor_class() -> type:
+    from transformers.video_processing_utils import VideoProcessorMixin
+
+    class ImagesOnlyVideoProcessor(VideoProcessorMixin):
+        """Stands in for a family's video processor where torchvision (which the real ones need) is
+        missing. The processor constructors require one; guardrail never sends video."""
+
+        model_input_names = ["pixel_values_videos", "video_grid_thw"]
+
+        def preprocess(self, videos: Any, **kwargs: Any) -> Any:
+            raise ModelError("video input is not supported here (the video processor needs torchvision)")
+
+    return ImagesOnlyVideoProcessor
+
+
+_STUB_CLASS: type | None = None
+
+
+def _export_video_processor_base() -> None:
+    """Without torchvision, transformers does not export `VideoProcessorMixin` at top level, yet
+    ProcessorMixin checks a `video_processor` argument by looking that name up there, so no Qwen-VL
+    or SmolVLM processor can be constructed at all. Export the (always importable) class under the
+    name it has in a torchvision install."""
+    import transformers
+    from transformers.video_processing_utils import VideoProcessorMixin
+
+    if not hasattr(transformers, "VideoProcessorMixin"):
+        setattr(transformers, "VideoProcessorMixin", VideoProcessorMixin)
+
+
+def images_only_video_processor(**kwargs: Any) -> Any:
+    global _STUB_CLASS
+    _export_video_processor_base()
+    if _STUB_CLASS is None:
+        _STUB_CLASS = _images_only_video_processor_class()
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("video_processor_type", "processor_class")}
+    return _STUB_CLASS(**kwargs)
+
+
+def make_video_processor(class_name: str, **kwargs: Any) -> Any:
+    """The family's real video processor when it can be built (torchvision installed), else the
+    images-only stand-in with the same settings."""
+    import transformers
+
+    cls = getattr(transformers, class_name, None)
+    if cls is not None:
+        try:
+            return cls(**kwargs)
+        except ImportError:  # transformers' placeholder class when torchvision is missing
+            pass
+    return images_only_video_processor(**kwargs)
+
+
+def _num2words_fallback(number: Any, *args: Any, **kwargs: Any) -> str:
+    return str(number)
+
+
+def ensure_smolvlm_processor() -> None:
+    """SmolVLMProcessor refuses to construct without the package num2words, which it uses only to
+    spell out the frame count of a video prompt. guardrail sends no video, so when num2words is
+    missing a digits-only stand-in is put in its place (video prompts would read "8", not "eight")."""
+    from transformers.models.smolvlm import processing_smolvlm
+
+    if not getattr(processing_smolvlm, "num2words", None):
+        processing_smolvlm.num2words = _num2words_fallback
+
+
+# ----- the adapters --------------------------------------------------------------------------------
+class VLMAdapter(ModelAdapter):
+    """Common ground of the VLM families; subclasses set the family's quirks as class attributes."""
+
+    family = "vlm"
+    supports_images = True
+    mixed_image_batches = True  # rows with and without images may share one batch
+    supports_system = True  # the chat template has a system turn (else it is prepended to the text)
+    nested_images = False  # the processor wants one list of images per row (Idefics3, SmolVLM)
+    text_attr = "language_model"  # model.model.<text_attr> is the text decoder stack
+    vision_attrs: tuple[str, ...] = ("vision_tower", "multi_modal_projector")
+    drop_keys: tuple[str, ...] = ("labels",)
+
+    def __init__(self, model: nn.Module, tokenizer: Any, processor: Any | None = None, name: str = ""):
+        if processor is None:
+            raise ModelError(f"{type(model).__name__} needs its processor to encode images")
+        super().__init__(model, tokenizer, processor, name=name)
+        inner = getattr(processor, "tokenizer", None)
+        if inner is not None and inner is not self.tokenizer:
+            if inner.pad_token_id is None:
+                inner.pad_token = inner.eos_token
+            inner.padding_side = "left"
+
+    # ----- prompts -------------------------------------------------------------------------------
+    def chat_template(self) -> str | None:
+        return getattr(self.processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
+
+    def messages(self, row: ChatRow, system_turn: bool | None = None) -> list[dict[str, Any]]:
+        """Chat messages for one row: image parts first, then the text, in the user turn."""
+        system_turn = self.supports_system if system_turn is None else system_turn
+        text = row.text
+        msgs: list[dict[str, Any]] = []
+        if row.system:
+            if system_turn:
+                msgs.append({"role": "system", "content": [{"type": "text", "text": row.system}]})
+            else:
+                text = f"{row.system}\n\n{text}"
+        content: list[dict[str, Any]] = [{"type": "image"} for _ in row.images]
+        content.append({"type": "text", "text": text})
+        msgs.append({"role": "user", "content": content})
+        return msgs
+
+    def _render(self, messages: list[dict[str, Any]]) -> str:
+        template = self.chat_template()
+        if not template:
+            raise ModelError(f"{self.name} has no chat template")
+        return self.tokenizer.apply_chat_template(
+            messages, chat_template=template, tokenize=False, add_generation_prompt=True
+        )
+
+    def prompt_text(self, row: ChatRow) -> str:
+        if not row.system or not self.supports_system:
+            return self._render(self.messages(row))
+        from jinja2 import TemplateError
+
+        try:
+            return self._render(self.messages(row))
+        except TemplateError:  # this checkpoint's template refuses a system turn
+            return self._render(self.messages(row, system_turn=False))
+
+    # ----- batches -------------------------------------------------------------------------------
+    def _check_rows(self, rows: Sequence[ChatRow]) -> list[ChatRow]:
+        rows = list(rows)
+        if not rows:
+            raise ModelError("encode needs at least one row")
+        with_images = [bool(r.images) for r in rows]
+        if not self.mixed_image_batches and any(with_images) and not all(with_images):
+            raise ModelError(f"{self.family} cannot batch rows with and without images together; split the batch")
+        return rows
+
+    def _images_arg(self, rows: Sequence[ChatRow]) -> Any:
+        if not any(r.images for r in rows):
+            return None
+        if self.nested_images:
+            return [list(r.images) for r in rows]
+        return [image for r in rows for image in r.images]
+
+    def encode(self, rows: Sequence[ChatRow]) -> dict[str, torch.Tensor]:
+        """A left-padded batch for `model(**batch)` / `model.generate(**batch)`."""
+        rows = self._check_rows(rows)
+        texts = [self.prompt_text(r) for r in rows]
+        kwargs: dict[str, Any] = {"text": texts, "padding": True, "padding_side": "left", "return_tensors": "pt"}
+        bos = self.tokenizer.bos_token
+        if bos and all(t.startswith(bos) for t in texts):
+            kwargs["add_special_tokens"] = False  # the template already starts with BOS
+        images = self._images_arg(rows)
+        if images is not None:
+            kwargs["images"] = images
+        enc = self.processor(**kwargs)
+        return self._finish(dict(enc))
+
+    def _finish(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        dtype = self._float_dtype()
+        out: dict[str, torch.Tensor] = {}
+        for key, value in batch.items():
+            if key in self.drop_keys or value is None:
+                continue
+            if not isinstance(value, torch.Tensor):
+                value = torch.as_tensor(value)
+            if value.is_floating_point() and value.dtype != dtype:
+                value = value.to(dtype)
+            out[key] = value
+        return out
+
+    def _float_dtype(self) -> torch.dtype:
+        for p in self.model.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return torch.float32
+
+    # ----- where things live ---------------------------------------------------------------------
+    def language_model(self) -> nn.Module:
+        inner = getattr(self.model, "model", None)
+        lm = getattr(inner, self.text_attr, None) if inner is not None else None
+        if lm is None:
+            raise ModelError(f"cannot find the text decoder ({self.text_attr}) of {type(self.model).__name__}")
+        return lm
+
+    def vision_modules(self) -> list[nn.Module]:
+        """The vision tower and projector: what steering must never touch."""
+        inner = getattr(self.model, "model", self.model)
+        return [m for m in (getattr(inner, a, None) for a in self.vision_attrs) if isinstance(m, nn.Module)]
+
+    def lm_head(self) -> nn.Module:
+        head = self.model.get_output_embeddings()
+        if head is None:
+            raise ModelError(f"cannot find the lm_head of {type(self.model).__name__}")
+        return head
+
+
+class LlavaAdapter(VLMAdapter):
+    family = "llava"
+
+
+class LlavaNextAdapter(VLMAdapter):
+    family = "llava_next"
+
+
+class Qwen2VLAdapter(VLMAdapter):
+    """The processor returns `mm_token_type_ids`, which M-RoPE needs (without it transformers 5.x
+    cannot place image tokens in 3-D positions), plus flat `pixel_values` and `image_grid_thw`."""
+
+    family = "qwen2_vl"
+    vision_attrs = ("visual",)
+
+    def encode(self, rows: Sequence[ChatRow]) -> dict[str, torch.Tensor]:
+        batch = super().encode(rows)
+        if "mm_token_type_ids" not in batch:  # older processors: derive it from the placeholder ids
+            ids = batch["input_ids"]
+            types = torch.zeros_like(ids)
+            config = self.model.config
+            types[ids == config.image_token_id] = 1
+            types[ids == config.video_token_id] = 2
+            batch["mm_token_type_ids"] = types
+        return batch
+
+
+class Qwen2_5_VLAdapter(Qwen2VLAdapter):
+    family = "qwen2_5_vl"
+
+
+class Idefics3Adapter(VLMAdapter):
+    """Images go to the processor nested per row; the batch carries `pixel_attention_mask`, and rows
+    with fewer images are padded with all-zero images that the model drops."""
+
+    family = "idefics3"
+    nested_images = True
+    text_attr = "text_model"
+    vision_attrs = ("vision_model", "connector")
+
+
+class SmolVLMAdapter(Idefics3Adapter):
+    family = "smolvlm"
+
+
+class PaliGemmaAdapter(VLMAdapter):
+    """PaliGemma has no chat template and no system turn. Its prompt is the image tokens, then BOS,
+    the text and a newline; the whole prompt is a bidirectional prefix (`token_type_ids` all 0).
+    The prompt is built here rather than by PaliGemmaProcessor, which demands images for every call
+    and misplaces BOS in a row without an image."""
+
+    family = "paligemma"
+    supports_system = False
+    drop_keys = ("labels",)
+
+    def prompt_text(self, row: ChatRow) -> str:
+        text = f"{row.system}\n\n{row.text}" if row.system else row.text
+        image_token = getattr(self.processor, "image_token", "<image>")
+        seq_len = int(getattr(self.processor, "image_seq_length", 0) or self.model.config.text_config.num_image_tokens)
+        bos = self.tokenizer.bos_token or ""
+        return image_token * (seq_len * len(row.images)) + bos + text + "\n"
+
+    def encode(self, rows: Sequence[ChatRow]) -> dict[str, torch.Tensor]:
+        rows = self._check_rows(rows)
+        texts = [self.prompt_text(r) for r in rows]
+        enc = self.tokenizer(
+            texts, padding=True, padding_side="left", add_special_tokens=False, return_tensors="pt"
+        )
+        batch: dict[str, Any] = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        batch["token_type_ids"] = torch.zeros_like(enc["input_ids"])
+        images = self._images_arg(rows)
+        if images is not None:
+            batch["pixel_values"] = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
+        return self._finish(batch)
+
+
+ADAPTERS: dict[str, type[ModelAdapter]] = {
+    "llava": LlavaAdapter,
+    "llava_next": LlavaNextAdapter,
+    "qwen2_vl": Qwen2VLAdapter,
+    "qwen2_5_vl": Qwen2_5_VLAdapter,
+    "idefics3": Idefics3Adapter,
+    "smolvlm": SmolVLMAdapter,
+    "paligemma": PaliGemmaAdapter,
+}
+
+
+# ----- loading a local checkpoint ------------------------------------------------------------------
+def load_processor(path: Any, config: Any) -> Any:
+    """The checkpoint's processor, offline. Falls back to assembling it from its parts with an
+    images-only video processor when the real video processor cannot be built (no torchvision)."""
+    from transformers import AutoProcessor
+
+    if config.model_type == "smolvlm":
+        ensure_smolvlm_processor()
+    try:
+        return AutoProcessor.from_pretrained(str(path), local_files_only=True)
+    except (ImportError, ValueError, TypeError, OSError) as exc:
+        first_error = exc
+    try:
+        return _assemble_processor(Path(path), config)
+    except Exception as exc:  # report the first failure: it names what is missing
+        raise ModelError(f"cannot load the processor of {path}: {first_error}") from exc
+
+
+def _processor_class(path: Path, config: Any) -> type:
+    import transformers
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+    name = None
+    for fname in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
+        f = path / fname
+        if f.is_file():
+            name = json.loads(f.read_text(encoding="utf-8")).get("processor_class")
+            if name:
+                break
+    name = name or PROCESSOR_MAPPING_NAMES.get(config.model_type)
+    cls = getattr(transformers, name, None) if name else None
+    if cls is None:
+        raise ModelError(f"no processor class for model type {config.model_type!r}")
+    return cls
+
+
+def _assemble_processor(path: Path, config: Any) -> Any:
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    cls = _processor_class(path, config)
+    processor_dict, extra = cls.get_processor_dict(str(path), local_files_only=True)
+    args = []
+    for attribute in cls.get_attributes():
+        if "tokenizer" in attribute:
+            args.append(AutoTokenizer.from_pretrained(str(path), local_files_only=True))
+        elif attribute == "image_processor":
+            args.append(AutoImageProcessor.from_pretrained(str(path), local_files_only=True))
+        elif attribute == "video_processor":
+            settings = processor_dict.get("video_processor")
+            if not isinstance(settings, dict):
+                f = path / "video_preprocessor_config.json"
+                settings = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
+            args.append(images_only_video_processor(**settings))
+        else:
+            raise ModelError(f"cannot build the {attribute} of {cls.__name__} offline")
+    processor_dict = {k: v for k, v in processor_dict.items() if k not in cls.get_attributes()}
+    return cls.from_args_and_dict(args, processor_dict, **extra)
 
 
 def load_local(path: Any, config: Any, kwargs: dict[str, Any], name: str) -> ModelAdapter:
-    raise ModelError(f"no adapter for model type {config.model_type!r}")
+    """Load a local VLM folder (transformers format) offline and wrap it in its family's adapter."""
+    adapter_cls = ADAPTERS.get(config.model_type)
+    if adapter_cls is None:
+        raise ModelError(f"no adapter for model type {config.model_type!r}")
+    from transformers import AutoModelForImageTextToText
+
+    processor = load_processor(path, config)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(str(path), **kwargs)
+    except (ValueError, KeyError) as exc:
+        raise ModelError(f"cannot load {path} as an image-text-to-text model: {exc}") from exc
+    model.eval()
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is None:
+        raise ModelError(f"the processor of {path} has no tokenizer")
+    return adapter_cls(model, tokenizer, processor, name=name)
