@@ -7,10 +7,11 @@ image-processor class (the PIL backend, so torchvision is not needed) and the by
 that places images the way the family's processor expects, so the adapters in `guardrail.models.vlm`
 run the real processor code paths (placeholder expansion, grids, tiles, padding) in tests.
 
-Image-token counts are small by default (16 per image, except LLaVA-NeXT whose any-res tiling adds
-more and Qwen-VL whose count follows the image's shape) so tests stay fast. Every builder takes an
-optional `image_tokens` keyword to size the image grid like the real checkpoints, e.g.
-`BUILDERS["llava"](0, image_tokens=576)` is the LLaVA-1.5 layout (336 px images, 14 px patches).
+Image-token counts are small by default so tests stay fast: 16 per image (Qwen-VL: about 16, the
+count follows the image's aspect ratio as in the real processor; LLaVA-NeXT: a 2x2-token base tile
+plus its any-res grid, 16 to 24 tokens). Every builder takes an optional `image_tokens` keyword to
+size the image grid like the real checkpoints, e.g. `build("llava", image_tokens=576)` is the
+LLaVA-1.5 layout (336 px images, 14 px patches). `build_tiny` (tiny-random:ARCH) uses the defaults.
 """
 
 from __future__ import annotations
@@ -147,9 +148,13 @@ def _clip_vision(image_size: int) -> Any:
     )
 
 
-def _build(model_cls: Any, config: Any, seed: int) -> Any:
+def _build(model_cls: Any, config: Any, seed: int, tok: Any) -> Any:
     torch.manual_seed(seed)
     model = model_cls(config)
+    model.eval()
+    # Random models rarely emit EOS; generation lengths are set by max_new_tokens.
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
     return model
 
 
@@ -187,7 +192,7 @@ def _llava(seed: int, image_tokens: int | None = None) -> tuple[Any, Any, Any]:
         vision_feature_layer=-2,
         pad_token_id=tok.pad_token_id,
     )
-    return _build(LlavaForConditionalGeneration, config, seed), tok, processor
+    return _build(LlavaForConditionalGeneration, config, seed, tok), tok, processor
 
 
 # ----- LLaVA-NeXT (1.6) -----------------------------------------------------------------------------
@@ -224,7 +229,7 @@ def _llava_next(seed: int, image_tokens: int | None = None) -> tuple[Any, Any, A
         vision_feature_layer=-2,
         pad_token_id=tok.pad_token_id,
     )
-    return _build(LlavaNextForConditionalGeneration, config, seed), tok, processor
+    return _build(LlavaNextForConditionalGeneration, config, seed, tok), tok, processor
 
 
 # ----- Qwen2-VL and Qwen2.5-VL ----------------------------------------------------------------------
@@ -297,7 +302,7 @@ def _qwen2_vl(seed: int, image_tokens: int | None = None) -> tuple[Any, Any, Any
     config = Qwen2VLConfig(
         text_config=_qwen_text(Qwen2VLTextConfig, tok), vision_config=vision, pad_token_id=tok.pad_token_id, **_qwen_ids(tok)
     )
-    return _build(Qwen2VLForConditionalGeneration, config, seed), tok, processor
+    return _build(Qwen2VLForConditionalGeneration, config, seed, tok), tok, processor
 
 
 def _qwen2_5_vl(seed: int, image_tokens: int | None = None) -> tuple[Any, Any, Any]:
@@ -329,7 +334,7 @@ def _qwen2_5_vl(seed: int, image_tokens: int | None = None) -> tuple[Any, Any, A
         pad_token_id=tok.pad_token_id,
         **_qwen_ids(tok),
     )
-    return _build(Qwen2_5_VLForConditionalGeneration, config, seed), tok, processor
+    return _build(Qwen2_5_VLForConditionalGeneration, config, seed, tok), tok, processor
 
 
 # ----- Idefics3 and SmolVLM -------------------------------------------------------------------------
@@ -370,7 +375,7 @@ def _idefics3(seed: int, image_tokens: int | None = None) -> tuple[Any, Any, Any
         scale_factor=2,
         pad_token_id=tok.pad_token_id,
     )
-    return _build(Idefics3ForConditionalGeneration, config, seed), tok, processor
+    return _build(Idefics3ForConditionalGeneration, config, seed, tok), tok, processor
 
 
 def _smolvlm(seed: int, image_tokens: int | None = None) -> tuple[Any, Any, Any]:
@@ -411,7 +416,7 @@ def _smolvlm(seed: int, image_tokens: int | None = None) -> tuple[Any, Any, Any]
         scale_factor=2,
         pad_token_id=tok.pad_token_id,
     )
-    return _build(SmolVLMForConditionalGeneration, config, seed), tok, processor
+    return _build(SmolVLMForConditionalGeneration, config, seed, tok), tok, processor
 
 
 # ----- PaliGemma ------------------------------------------------------------------------------------
@@ -462,7 +467,7 @@ def _paligemma(seed: int, image_tokens: int | None = None) -> tuple[Any, Any, An
         hidden_size=HIDDEN,
         pad_token_id=tok.pad_token_id,
     )
-    return _build(PaliGemmaForConditionalGeneration, config, seed), tok, processor
+    return _build(PaliGemmaForConditionalGeneration, config, seed, tok), tok, processor
 
 
 # ARCH -> builder(seed, image_tokens=None) -> (model, tokenizer, processor)
@@ -475,3 +480,11 @@ BUILDERS: dict[str, Callable[..., tuple[Any, Any, Any]]] = {
     "smolvlm": _smolvlm,
     "paligemma": _paligemma,
 }
+
+
+def build(arch: str, seed: int = 0, *, image_tokens: int | None = None) -> tuple[Any, Any, Any]:
+    """`BUILDERS[arch]` with a clear error for an unknown arch, e.g. for a benchmark that wants the
+    real image-token count: `build("llava", image_tokens=576)`; wrap it with `adapter_for`."""
+    if arch not in BUILDERS:
+        raise ModelError(f"unknown tiny VLM architecture {arch!r}; known: {', '.join(sorted(BUILDERS))}")
+    return BUILDERS[arch](seed, image_tokens=image_tokens)

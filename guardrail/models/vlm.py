@@ -75,7 +75,7 @@ def make_video_processor(class_name: str, **kwargs: Any) -> Any:
     if cls is not None:
         try:
             return cls(**kwargs)
-        except ImportError:  # transformers' placeholder class when torchvision is missing
+        except (ImportError, TypeError, ValueError):  # ImportError: the placeholder without torchvision
             pass
     return images_only_video_processor(**kwargs)
 
@@ -105,7 +105,7 @@ class VLMAdapter(ModelAdapter):
     nested_images = False  # the processor wants one list of images per row (Idefics3, SmolVLM)
     text_attr = "language_model"  # model.model.<text_attr> is the text decoder stack
     vision_attrs: tuple[str, ...] = ("vision_tower", "multi_modal_projector")
-    drop_keys: tuple[str, ...] = ("labels",)
+    drop_keys: tuple[str, ...] = ("labels", "token_type_ids")  # not inputs of these models' forward
 
     def __init__(self, model: nn.Module, tokenizer: Any, processor: Any | None = None, name: str = ""):
         if processor is None:
@@ -277,7 +277,7 @@ class PaliGemmaAdapter(VLMAdapter):
 
     family = "paligemma"
     supports_system = False
-    drop_keys = ("labels",)
+    drop_keys = ("labels",)  # token_type_ids stays: it marks the bidirectional prefix
 
     def prompt_text(self, row: ChatRow) -> str:
         text = f"{row.system}\n\n{row.text}" if row.system else row.text
