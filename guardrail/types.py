@@ -135,6 +135,8 @@ class RequestContext:
     request: Request
     tenant: str
     policy: "Policy"
+    runtime: Any = None  # the policy's built stages (pipeline.PolicyRuntime)
+    max_new_tokens: int = 0
     images: list[DecodedImage] = field(default_factory=list)
     reformulation: Reformulation | None = None
     assessment: RiskAssessment | None = None
@@ -146,3 +148,4 @@ class RequestContext:
     error: tuple[str, str] | None = None  # (stage, message)
     degraded: bool = False
     done: bool = False  # a refusal or an error already produced the final text
+    assess_only: bool = False

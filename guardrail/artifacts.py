@@ -1,0 +1,161 @@
+"""Calibration artifacts: tensors in safetensors plus a JSON sidecar that says what they belong to.
+
+Layout of an artifact folder:
+  artifacts.safetensors   prototypes [K, d], prototype_logits [K, V], directions [L, d],
+                          midpoints [L, d], probe.weight [d], probe.bias [1], probe.mean [d], probe.scale [d]
+  artifacts.json          model fingerprint, method, N, γ, per-assessor calibration (S_base, α, layer),
+                          data hashes, library version, sha256 of the tensor file, warnings
+
+Loading verifies the tensor file's sha256, the sidecar's own hash, the model fingerprint and every
+tensor's shape, and names the first thing that does not match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from guardrail.errors import ArtifactError
+
+TENSORS = "artifacts.safetensors"
+SIDECAR = "artifacts.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Artifacts:
+    meta: dict[str, Any]
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def prototypes(self) -> torch.Tensor:
+        return self._get("prototypes")
+
+    @property
+    def prototype_logits(self) -> torch.Tensor:
+        return self._get("prototype_logits")
+
+    @property
+    def directions(self) -> torch.Tensor:
+        return self._get("directions")
+
+    def _get(self, key: str) -> torch.Tensor:
+        if key not in self.tensors:
+            raise ArtifactError(f"the artifact has no tensor {key!r}")
+        return self.tensors[key]
+
+    def assessor(self, name: str) -> dict[str, Any]:
+        """The calibration block (S_base, α, layer, ...) for one assessor."""
+        block = self.meta.get("assessors", {}).get(name)
+        if block is None:
+            raise ArtifactError(f"the artifact has no calibration for assessor {name!r}; recalibrate")
+        return block
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _sidecar_digest(meta: dict[str, Any]) -> str:
+    body = {k: v for k, v in meta.items() if k != "sidecar_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def save_artifacts(directory: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    """Write both files atomically (temp file + rename): a reader never sees a half-written pair."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    clean = {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
+    fd, tmp = tempfile.mkstemp(prefix=".tensors-", dir=out)
+    os.close(fd)
+    save_file(clean, tmp)
+    full = dict(meta)
+    full["format_version"] = FORMAT_VERSION
+    full["tensors_sha256"] = _sha256_file(Path(tmp))
+    full["tensor_shapes"] = {k: list(v.shape) for k, v in clean.items()}
+    full["sidecar_sha256"] = _sidecar_digest(full)
+    os.replace(tmp, out / TENSORS)
+    fd, tmp_meta = tempfile.mkstemp(prefix=".sidecar-", dir=out)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(full, fh, indent=2, sort_keys=True)
+    os.replace(tmp_meta, out / SIDECAR)
+    return out
+
+
+def load_artifacts(directory: str | Path, fingerprint: dict[str, Any] | None = None) -> Artifacts:
+    """Load and verify an artifact folder; with `fingerprint`, refuse one made for another model."""
+    folder = Path(directory)
+    sidecar, tensor_file = folder / SIDECAR, folder / TENSORS
+    for path in (sidecar, tensor_file):
+        if not path.is_file():
+            raise ArtifactError(f"{path} is missing: not a guardrail artifact folder (run `guardrail calibrate`)")
+    try:
+        meta = json.loads(sidecar.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{sidecar} is not valid JSON: {exc}") from exc
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"{sidecar}: unknown artifact format version {meta.get('format_version') if isinstance(meta, dict) else None!r}")
+    if meta.get("sidecar_sha256") != _sidecar_digest(meta):
+        raise ArtifactError(f"{sidecar} was modified after calibration (its sha256 does not match)")
+    actual = _sha256_file(tensor_file)
+    if actual != meta.get("tensors_sha256"):
+        raise ArtifactError(
+            f"{tensor_file} does not match its sidecar: sha256 {actual[:12]}… != recorded "
+            f"{str(meta.get('tensors_sha256'))[:12]}… (tampered, truncated or replaced)"
+        )
+    if fingerprint is not None:
+        check_fingerprint(meta.get("fingerprint", {}), fingerprint, folder)
+    try:
+        tensors = load_file(str(tensor_file))
+    except Exception as exc:  # safetensors raises its own error types
+        raise ArtifactError(f"{tensor_file} cannot be read: {exc}") from exc
+    for key, shape in meta.get("tensor_shapes", {}).items():
+        if key not in tensors or list(tensors[key].shape) != shape:
+            raise ArtifactError(f"{tensor_file}: tensor {key!r} does not have the recorded shape {shape}")
+    art = Artifacts(meta=meta, tensors=tensors)
+    if fingerprint is not None:
+        check_shapes(art, fingerprint)
+    return art
+
+
+def check_fingerprint(recorded: dict[str, Any], actual: dict[str, Any], where: Path | str) -> None:
+    diffs = [
+        f"{key}: artifact {recorded.get(key)!r} vs model {actual.get(key)!r}"
+        for key in sorted(set(recorded) | set(actual))
+        if recorded.get(key) != actual.get(key)
+    ]
+    if diffs:
+        raise ArtifactError(f"{where} was calibrated for another model ({'; '.join(diffs)})")
+
+
+def check_shapes(art: Artifacts, fingerprint: dict[str, Any]) -> None:
+    """Every steering tensor must fit the model: d = hidden size, V = vocab, L = layer count."""
+    d, vocab, layers = fingerprint["hidden_size"], fingerprint["vocab_size"], fingerprint["num_layers"]
+    expected = {
+        "prototypes": (None, d),
+        "prototype_logits": (None, vocab),
+        "directions": (layers, d),
+        "midpoints": (layers, d),
+        "probe.weight": (d,),
+        "probe.mean": (d,),
+        "probe.scale": (d,),
+    }
+    for key, shape in expected.items():
+        if key not in art.tensors:
+            continue
+        got = tuple(art.tensors[key].shape)
+        if len(got) != len(shape) or any(e is not None and e != g for e, g in zip(shape, got)):
+            want = "×".join("*" if e is None else str(e) for e in shape)
+            raise ArtifactError(f"artifact tensor {key!r} has shape {list(got)}, the model needs {want}")

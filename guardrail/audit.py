@@ -1,0 +1,126 @@
+"""Audit records and the JSON-lines writer behind the built-in `jsonl` audit sink.
+
+One record per request: who (tenant), under what (policy name and hash), what was decided (risk,
+band, strength, action) and how long each stage took. Content is not recorded unless the policy
+says `audit: {capture_content: true}`; hashes of the prompt, images and answer are, so a record can
+be matched to content the app kept.
+
+`JsonlWriter` writes each record as one `write()` of one whole line under a lock, so records from
+concurrent threads never interleave; it can fsync every record and rotate by size (rotation happens
+between records, never inside one). A failed write raises `AuditError`: it is never swallowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from guardrail.errors import GuardrailError
+
+
+class AuditError(GuardrailError):
+    """An audit record could not be written."""
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+class JsonlWriter:
+    """Appends JSON lines to a file; thread-safe, optionally fsynced and size-rotated."""
+
+    def __init__(self, path: str | Path, fsync: bool = False, max_bytes: int | None = None, backups: int = 5):
+        self.path = Path(path)
+        self.fsync = fsync
+        self.max_bytes = max_bytes
+        self.backups = max(1, backups)
+        self._lock = threading.Lock()
+        self._fh: Any = None
+
+    def _open(self) -> Any:
+        if self._fh is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = open(self.path, "a", encoding="utf-8")
+        return self._fh
+
+    def _rotate(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        for i in range(self.backups - 1, 0, -1):
+            older = self.path.with_name(f"{self.path.name}.{i}")
+            if older.exists():
+                os.replace(older, self.path.with_name(f"{self.path.name}.{i + 1}"))
+        if self.path.exists():
+            os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+
+    def msg(self, message: str) -> None:
+        """Write one already-rendered JSON line (structlog's logger interface)."""
+        line = message.rstrip("\n") + "\n"
+        data = line.encode("utf-8")
+        with self._lock:
+            try:
+                fh = self._open()
+                if self.max_bytes is not None and fh.tell() > 0 and fh.tell() + len(data) > self.max_bytes:
+                    self._rotate()
+                    fh = self._open()
+                fh.write(line)
+                fh.flush()
+                if self.fsync:
+                    os.fsync(fh.fileno())
+            except (OSError, ValueError) as exc:
+                # Drop the handle so the next write starts clean, and tell the caller.
+                try:
+                    if self._fh is not None:
+                        self._fh.close()
+                except OSError:
+                    pass
+                self._fh = None
+                raise AuditError(f"audit write to {self.path} failed: {exc}") from exc
+
+    # structlog calls the method named after the level; every level writes the same way.
+    info = warning = error = critical = debug = log = msg
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fh is not None:
+                self._fh.close()
+                self._fh = None
+
+
+def _timestamp(logger: Any, method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    event_dict.setdefault("ts", datetime.now(timezone.utc).isoformat(timespec="milliseconds"))
+    return event_dict
+
+
+def structlog_writer(writer: JsonlWriter) -> Any:
+    """A structlog logger bound to one writer, with its own processors: no global configuration."""
+    return structlog.wrap_logger(
+        writer,
+        processors=[_timestamp, structlog.processors.JSONRenderer(sort_keys=True, ensure_ascii=False)],
+        cache_logger_on_first_use=False,
+    )
+
+
+def configure_logging(level: str = "INFO", json_logs: bool = True) -> None:
+    """Opt-in structlog setup for an app's own logs (guardrail never calls this at import)."""
+    import logging
+
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), format="%(message)s")
+    renderer = structlog.processors.JSONRenderer() if json_logs else structlog.dev.ConsoleRenderer()
+    structlog.configure(
+        processors=[structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="iso"), renderer],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+    )
+
+
+def now_ms() -> float:
+    return time.perf_counter() * 1000.0

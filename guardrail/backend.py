@@ -1,0 +1,80 @@
+"""The generation backend seam: the only thing in guardrail that touches a model.
+
+Stages and policies never see a transformers object; they talk to a `Backend`. The seam is narrow
+on purpose, so a backend on another serving engine can slot in without touching stages or policies:
+
+* `caption(rows, max_new_tokens)` — greedy answers to caption prompts (image + instruction).
+* `risk_pass(rows, steps, layers)` — one greedy pass over the reformulated prompts that returns the
+  raw next-token logits at response steps 1..steps and the decoder-layer states at the last prompt
+  token. The paper's risk needs only the logits (vLLM: `logprobs` over the full vocabulary, or a
+  logits processor that records them); the hidden-state assessors need the layer states.
+* `generate(rows, plans, max_new_tokens, on_tokens)` — batched greedy generation in which each row
+  follows its own `SteeringPlan`. The paper's steering is a per-row logit interpolation on the first
+  N steps: on vLLM that is a per-request logits processor holding (strength, P_1..P_N), so it needs
+  no access to hidden states. Additive steering (`refusal_direction`) needs layer hooks and is only
+  available where the engine exposes them.
+
+Backends must be safe to call from several threads (serialise model access internally).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
+
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from guardrail.artifacts import Artifacts
+    from guardrail.types import ChatRow, Generation, SteeringPlan
+
+TokenCallback = Callable[[int, int], None]
+"""on_tokens(row_index, token_id): called for each new response token as it is generated."""
+
+
+@dataclass
+class RiskPass:
+    """What one batched risk pass computed, row-aligned with its input."""
+
+    step_logits: torch.Tensor | None  # [B, steps, V] float32 raw logits, or None when steps == 0
+    states: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, d] float32
+    tokens: torch.Tensor | None = None  # [B, steps] the greedy tokens
+
+    def select(self, rows: Sequence[int]) -> "RiskPass":
+        """The same pass restricted to some rows (an assessor scores only its policy's rows)."""
+        index = torch.tensor(list(rows), dtype=torch.long)
+        return RiskPass(
+            step_logits=None if self.step_logits is None else self.step_logits[index],
+            states={layer: value[index] for layer, value in self.states.items()},
+            tokens=None if self.tokens is None else self.tokens[index],
+        )
+
+    def __len__(self) -> int:
+        if self.step_logits is not None:
+            return int(self.step_logits.shape[0])
+        return int(next(iter(self.states.values())).shape[0]) if self.states else 0
+
+
+class Backend(Protocol):
+    name: str
+    supports_images: bool
+    artifacts: "Artifacts | None"
+    max_context: int
+
+    def fingerprint(self) -> dict[str, Any]: ...
+
+    def count_tokens(self, text: str) -> int: ...
+
+    def decode(self, token_ids: Sequence[int]) -> str: ...
+
+    def caption(self, rows: Sequence["ChatRow"], max_new_tokens: int) -> list[str]: ...
+
+    def risk_pass(self, rows: Sequence["ChatRow"], steps: int, layers: Sequence[int]) -> RiskPass: ...
+
+    def generate(
+        self,
+        rows: Sequence["ChatRow"],
+        plans: Sequence["SteeringPlan"],
+        max_new_tokens: int,
+        on_tokens: TokenCallback | None = None,
+    ) -> list["Generation"]: ...

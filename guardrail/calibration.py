@@ -1,0 +1,266 @@
+"""Calibration: unsafe prototypes, the sigmoid, diff-in-means directions and probes, per model.
+
+    prototypes   μ_n, n = 1..K: mean final post-norm state at response step n over harmful prompts
+                 paper          the model's own greedy answer to the plain prompt
+                 elicited       greedy answers under the safety prompt, keeping those that open a
+                                refusal (falls back to teacher-forced when fewer than 3 do)
+                 teacher-forced the plain prompt with the fixed refusal forced as the answer
+    sigmoid      S over the calibration set (harmful + benign reformulated queries), S_base = mean S,
+                 α = ln 99 / (1 − S_base)
+    hidden state per layer: diff-in-means at the last token of the reformulated query; the layer of
+                 `mean_difference` and of `linear_probe` chosen by 5-fold cross-validated AUROC;
+                 their outputs mapped with the same sigmoid, S_ref = the harmful mean
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from guardrail.artifacts import Artifacts, save_artifacts
+from guardrail.errors import GuardrailError
+from guardrail.probes import (
+    cross_validated_auroc,
+    choose_layer,
+    fit_logistic,
+    fit_mean_difference,
+    logistic_scorer,
+    mean_difference_scorer,
+)
+from guardrail.prompts import FIXED_REFUSAL, risk_query
+from guardrail.refusal import opens_refusal
+from guardrail.risk_math import LN99, alpha_for, auroc, prototype_similarity
+from guardrail.transformers_backend import TransformersBackend
+from guardrail.types import ChatRow
+
+PROTOTYPE_METHODS = ("paper", "elicited", "teacher-forced")
+MIN_ELICITED = 3
+
+
+class CalibrationError(GuardrailError):
+    pass
+
+
+@dataclass
+class CalibrationConfig:
+    method: str = "elicited"
+    steps: int = 3  # N: response steps of the risk pass
+    steer_steps: int = 8  # K ≥ N: prototype steps available to steering bands
+    gamma: float = 0.3
+    folds: int = 5
+    elicit_tokens: int = 16  # greedy tokens read to decide whether an answer opens a refusal
+    progress: bool = True
+    extra_meta: dict[str, Any] = field(default_factory=dict)
+
+
+def packaged_prompts(name: str) -> list[str]:
+    """The project's own calibration lists (guardrail/data/calibration_*.txt)."""
+    text = resources.files("guardrail").joinpath("data", f"calibration_{name}.txt").read_text(encoding="utf-8")
+    return read_prompt_lines(text)
+
+
+def read_prompt_lines(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _hash_list(items: Sequence[str]) -> str:
+    return hashlib.sha256(json.dumps(list(items)).encode()).hexdigest()
+
+
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False)
+
+
+def _chunked(rows: list[ChatRow], size: int, desc: str, enabled: bool, fn: Callable[[list[ChatRow]], Any]) -> list[Any]:
+    out = []
+    with _progress(len(rows), desc, enabled) as bar:
+        for start in range(0, len(rows), size):
+            chunk = rows[start : start + size]
+            out.append(fn(chunk))
+            bar.update(len(chunk))
+    return out
+
+
+def compute_prototypes(
+    backend: TransformersBackend, harmful: list[str], cfg: CalibrationConfig
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """μ_n for n = 1..K and a report of how they were made."""
+    k = max(cfg.steps, cfg.steer_steps)
+    size = backend.batch_size
+    tok = backend.adapter.tokenizer
+    forced = tok(FIXED_REFUSAL, add_special_tokens=False)["input_ids"]
+    if len(forced) < k:
+        raise CalibrationError(f"the fixed refusal has {len(forced)} tokens, fewer than the {k} prototype steps")
+    report: dict[str, Any] = {"requested": cfg.method}
+
+    def run(rows: list[ChatRow], forced_ids: list[int] | None, max_new: int) -> tuple[torch.Tensor, list[str]]:
+        parts = _chunked(rows, size, f"prototypes ({cfg.method})", cfg.progress,
+                         lambda chunk: backend.response_states(chunk, k, max_new, forced_ids))
+        states = torch.cat([p[0] for p in parts])
+        texts = [g.text for p in parts for g in p[1]]
+        return states, texts
+
+    if cfg.method == "paper":
+        states, texts = run([ChatRow(h) for h in harmful], None, k)
+        keep = list(range(len(harmful)))
+        report["method"] = "paper"
+    elif cfg.method == "teacher-forced":
+        states, texts = run([ChatRow(h) for h in harmful], forced[:k], k)
+        keep = list(range(len(harmful)))
+        report["method"] = "teacher-forced"
+    elif cfg.method == "elicited":
+        states, texts = run([ChatRow(risk_query(h)) for h in harmful], None, max(k, cfg.elicit_tokens))
+        keep = [i for i, t in enumerate(texts) if opens_refusal(t)]
+        report["refusing_prompts"] = len(keep)
+        report["method"] = "elicited"
+        if len(keep) < MIN_ELICITED:
+            report["method"] = "teacher-forced (safety prompt)"
+            report["fallback_reason"] = (
+                f"only {len(keep)} of {len(harmful)} calibration prompts drew a refusal under the safety prompt"
+            )
+            states, texts = run([ChatRow(risk_query(h)) for h in harmful], forced[:k], k)
+            keep = list(range(len(harmful)))
+    else:
+        raise CalibrationError(f"unknown prototype method {cfg.method!r}; choose from {', '.join(PROTOTYPE_METHODS)}")
+    report["prompts_used"] = len(keep)
+    report["sample_answers"] = [texts[i][:80] for i in keep[:3]]
+    return states[keep].mean(0), report
+
+
+def calibrate(
+    backend: TransformersBackend,
+    harmful: list[str],
+    benign: list[str],
+    cfg: CalibrationConfig | None = None,
+    out: str | Path | None = None,
+) -> Artifacts:
+    cfg = cfg or CalibrationConfig()
+    if cfg.steer_steps < cfg.steps:
+        raise CalibrationError("steer_steps must be at least steps")
+    if len(harmful) < 4 or len(benign) < 4:
+        raise CalibrationError("calibration needs at least 4 harmful and 4 benign prompts")
+    warn: list[str] = []
+
+    # 1. prototypes and their logits
+    mu, proto_report = compute_prototypes(backend, harmful, cfg)
+    proto_logits = backend.head_logits(mu)
+    tok = backend.adapter.tokenizer
+    argmax = proto_logits.argmax(-1).tolist()
+    proto_tokens = [tok.decode([t]) for t in argmax]
+    proto_text = tok.decode(argmax[: cfg.steps])
+    refusal_like = opens_refusal(proto_text)
+    if not refusal_like:
+        message = (
+            f"the prototypes' argmax tokens {proto_text!r} do not open a refusal: strength 1 will not "
+            f"start a refusal on this model (method {proto_report['method']})"
+        )
+        warn.append(message)
+        warnings.warn(message, stacklevel=2)
+
+    # 2. the shared risk pass over the calibration set
+    questions = list(harmful) + list(benign)
+    labels = torch.tensor([1] * len(harmful) + [0] * len(benign), dtype=torch.bool)
+    rows = [ChatRow(risk_query(q)) for q in questions]
+    n_layers = backend.adapter.num_layers
+    all_layers = list(range(n_layers))
+    passes = _chunked(rows, backend.batch_size, "risk pass", cfg.progress,
+                      lambda chunk: backend.risk_pass(chunk, cfg.steps, all_layers))
+    step_logits = torch.cat([p.step_logits for p in passes])
+    states = {l: torch.cat([p.states[l] for p in passes]) for l in all_layers}
+
+    # 3. the paper's similarity and sigmoid
+    s = prototype_similarity(step_logits, proto_logits[: cfg.steps], cfg.gamma)
+    s_base = float(s.mean())
+    assessors: dict[str, Any] = {
+        "prototype_similarity": {
+            "s_base": s_base,
+            "alpha": alpha_for(s_base, 1.0),
+            "s_ref": 1.0,
+            "steps": cfg.steps,
+            "gamma": cfg.gamma,
+            "calibration_auroc": auroc(s[labels].tolist(), s[~labels].tolist()),
+        }
+    }
+
+    # 4. hidden-state readers: layer by cross-validation, then fit on everything
+    md_cv, lp_cv = {}, {}
+    with _progress(n_layers, "layer selection", cfg.progress) as bar:
+        for l in all_layers:
+            pos, neg = states[l][labels], states[l][~labels]
+            md_cv[l] = cross_validated_auroc(pos, neg, mean_difference_scorer, cfg.folds)
+            lp_cv[l] = cross_validated_auroc(pos, neg, logistic_scorer, cfg.folds)
+            bar.update(1)
+    directions = torch.zeros(n_layers, backend.adapter.hidden_size)
+    midpoints = torch.zeros_like(directions)
+    for l in all_layers:
+        md = fit_mean_difference(states[l][labels], states[l][~labels])
+        directions[l], midpoints[l] = md.direction, md.midpoint
+    md_layer = choose_layer(md_cv, n_layers)
+    md = fit_mean_difference(states[md_layer][labels], states[md_layer][~labels])
+    assessors["mean_difference"] = _sigmoid_block(md.project(states[md_layer]), labels, md_layer, md_cv)
+    lp_layer = choose_layer(lp_cv, n_layers)
+    probe = fit_logistic(states[lp_layer][labels], states[lp_layer][~labels])
+    assessors["linear_probe"] = _sigmoid_block(probe.logit(states[lp_layer]), labels, lp_layer, lp_cv)
+
+    tensors = {
+        "prototypes": mu,
+        "prototype_logits": proto_logits,
+        "directions": directions,
+        "midpoints": midpoints,
+        "probe.weight": probe.weight,
+        "probe.bias": probe.bias.reshape(1),
+        "probe.mean": probe.mean,
+        "probe.scale": probe.scale,
+    }
+    from guardrail import __version__
+
+    meta: dict[str, Any] = {
+        "model": backend.name,
+        "fingerprint": backend.fingerprint(),
+        "library_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "method": proto_report["method"],
+        "prototype_report": proto_report,
+        "steps": cfg.steps,
+        "steer_steps": max(cfg.steps, cfg.steer_steps),
+        "gamma": cfg.gamma,
+        "prototype_tokens": proto_tokens,
+        "prototype_text": proto_text,
+        "prototypes_open_refusal": refusal_like,
+        "assessors": assessors,
+        "data": {"harmful": len(harmful), "benign": len(benign),
+                 "harmful_sha256": _hash_list(harmful), "benign_sha256": _hash_list(benign)},
+        "warnings": warn,
+        **cfg.extra_meta,
+    }
+    if out is not None:
+        save_artifacts(out, tensors, meta)
+    return Artifacts(meta=meta, tensors={k: v.detach().float().cpu() for k, v in tensors.items()})
+
+
+def _sigmoid_block(t: torch.Tensor, labels: torch.Tensor, layer: int, cv: dict[int, float]) -> dict[str, Any]:
+    """S_base = mean statistic, S_ref = mean over harmful: the harmful mean maps to r = 0.99."""
+    t = t.double()
+    s_base = float(t.mean())
+    s_ref = float(t[labels].mean())
+    if not s_ref > s_base:
+        raise CalibrationError(f"layer {layer}: harmful prompts do not score above the calibration mean")
+    return {
+        "layer": layer,
+        "s_base": s_base,
+        "s_ref": s_ref,
+        "alpha": LN99 / (s_ref - s_base),
+        "cv_auroc": cv[layer],
+        "cv_auroc_by_layer": {str(k): round(v, 4) for k, v in cv.items()},
+        "calibration_auroc": auroc(t[labels].tolist(), t[~labels].tolist()),
+    }

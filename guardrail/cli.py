@@ -1,0 +1,43 @@
+"""The `guardrail` command. Each subcommand lives in guardrail/commands/<name>.py and exposes
+`register(subparsers)` (adds its parser, sets `func`) so the CLI grows without one long file."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+from guardrail.errors import GuardrailError
+
+COMMANDS = ["plugins", "policy", "generate", "calibrate"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="guardrail", description="Risk-adaptive steering middleware for (multimodal) LLMs")
+    from guardrail import __version__
+
+    parser.add_argument("--version", action="version", version=f"guardrail {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"guardrail.commands.{name}").register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except GuardrailError as exc:
+        print(f"guardrail: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per `guardrail` subcommand; see guardrail/cli.py."""

@@ -1,0 +1,55 @@
+"""`guardrail calibrate`: prototypes, sigmoid, directions and probes for one model."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("calibrate", help="calibrate a model and write its artifact folder")
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--harmful", type=Path, help="harmful prompts (.txt/.csv/.jsonl); default: the packaged list")
+    p.add_argument("--benign", type=Path, help="benign prompts; default: the packaged list")
+    p.add_argument("--prototypes", default="elicited", choices=["paper", "elicited", "teacher-forced"])
+    p.add_argument("--steps", type=int, default=3, help="N, response steps of the risk pass")
+    p.add_argument("--steer-steps", type=int, default=8, help="prototype steps available to steering bands")
+    p.add_argument("--gamma", type=float, default=0.3)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from guardrail.calibration import CalibrationConfig, calibrate, packaged_prompts
+    from guardrail.models import load_model
+    from guardrail.prompt_files import read_prompts
+    from guardrail.transformers_backend import TransformersBackend
+
+    harmful = read_prompts(args.harmful) if args.harmful else packaged_prompts("harmful")
+    benign = read_prompts(args.benign) if args.benign else packaged_prompts("benign")
+    backend = TransformersBackend(load_model(args.model, device=args.device), batch_size=args.batch_size)
+    cfg = CalibrationConfig(
+        method=args.prototypes, steps=args.steps, steer_steps=args.steer_steps, gamma=args.gamma,
+        progress=not args.no_progress,
+    )
+    art = calibrate(backend, harmful, benign, cfg, out=args.out)
+    print(summary(art.meta, args.out))
+    return 0
+
+
+def summary(meta: dict, out: Path) -> str:
+    lines = [
+        f"artifacts written to {out}",
+        f"  model {meta['model']} ({meta['fingerprint']['architecture']}, {meta['fingerprint']['num_layers']} layers)",
+        f"  prototypes: {meta['method']}; argmax tokens {meta['prototype_tokens'][: meta['steps']]} -> {meta['prototype_text']!r}",
+    ]
+    for name, block in meta["assessors"].items():
+        extra = f", layer {block['layer']} (cv AUROC {block['cv_auroc']:.3f})" if "layer" in block else ""
+        lines.append(f"  {name}: S_base {block['s_base']:.4f}, alpha {block['alpha']:.3f}, "
+                     f"calibration AUROC {block['calibration_auroc']:.3f}{extra}")
+    for w in meta.get("warnings", []):
+        lines.append(f"  WARNING: {w}")
+    return "\n".join(lines)

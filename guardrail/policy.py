@@ -1,0 +1,241 @@
+"""Policies: pydantic models loaded from YAML, with `extends:` and file:line errors.
+
+A policy says which implementation (and parameters) each stage uses, whether it enforces or only
+observes, what happens when a stage fails, and the risk bands: ascending intervals covering [0, 1],
+each with an action (`steer` at a strength, or `refuse`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Mapping, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from guardrail.errors import PolicyError
+from guardrail.yaml_lines import LineMap, load_yaml
+
+DEFAULT_REFUSAL = "I'm sorry, but I can't help with that."
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class StageSpec(_Strict):
+    """Which named implementation runs a stage, and its parameters (`with:`)."""
+
+    use: str = Field(min_length=1)
+    params: dict[str, Any] = Field(default_factory=dict, alias="with")
+
+
+class AssessorSpec(StageSpec):
+    name: str | None = Field(default=None, description="label in audit records; defaults to `use`")
+    weight: float = Field(default=1.0, ge=0.0)
+
+    @property
+    def label(self) -> str:
+        return self.name or self.use
+
+
+class RiskSpec(_Strict):
+    assessors: list[AssessorSpec] = Field(min_length=1)
+    combine: Literal["max", "mean", "weighted"] = "max"
+
+    @model_validator(mode="after")
+    def _labels_unique(self) -> "RiskSpec":
+        labels = [a.label for a in self.assessors]
+        dup = sorted({x for x in labels if labels.count(x) > 1})
+        if dup:
+            raise ValueError(f"assessor labels must be unique (give each a `name:`): {', '.join(dup)}")
+        if self.combine == "weighted" and sum(a.weight for a in self.assessors) <= 0:
+            raise ValueError("combine: weighted needs at least one positive weight")
+        return self
+
+
+class Band(_Strict):
+    """Risks in (previous band's `upto`, `upto`] fall in this band; the first band starts at 0."""
+
+    name: str = Field(min_length=1)
+    upto: float = Field(gt=0.0, le=1.0)
+    action: Literal["steer", "refuse"] = "steer"
+    strength: Union[float, Literal["risk"]] = 0.0
+    scale: float = Field(default=1.0, ge=0.0, description="multiplies the risk when strength is `risk`")
+    tokens: int = Field(default=3, ge=1, le=64, description="response tokens to steer")
+
+    @field_validator("strength")
+    @classmethod
+    def _strength_range(cls, value: Any) -> Any:
+        if isinstance(value, float) and not 0.0 <= value <= 1.0:
+            raise ValueError("strength must be in [0, 1] or the word `risk`")
+        return value
+
+    @model_validator(mode="after")
+    def _scale_only_with_risk(self) -> "Band":
+        if self.scale != 1.0 and self.strength != "risk":
+            raise ValueError("scale applies only when strength is `risk`")
+        return self
+
+    def strength_for(self, risk: float) -> float:
+        """The steering strength this band applies at a given risk (0 for refuse bands)."""
+        if self.action != "steer":
+            return 0.0
+        if self.strength == "risk":
+            return float(min(1.0, max(0.0, risk * self.scale)))
+        return float(self.strength)
+
+
+class AuditSpec(_Strict):
+    capture_content: bool = False
+
+
+class Limits(_Strict):
+    max_images: int = Field(default=4, ge=0)
+    max_image_pixels: int = Field(default=25_000_000, ge=1, description="decompression-bomb guard")
+    max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
+    max_new_tokens: int = Field(default=256, ge=1)
+    stage_timeout_s: float | None = Field(default=None, gt=0)
+
+
+class Policy(_Strict):
+    name: str = Field(min_length=1)
+    description: str = ""
+    mode: Literal["enforce", "observe"] = "enforce"
+    on_error: Literal["fail_closed", "fail_open"] = "fail_closed"
+    refusal_text: str = Field(default=DEFAULT_REFUSAL, min_length=1)
+    reformulator: StageSpec = StageSpec(use="visual_context")
+    risk: RiskSpec
+    steering: StageSpec = StageSpec(use="prototype_interpolation")
+    bands: list[Band] = Field(min_length=1)
+    audit: AuditSpec = AuditSpec()
+    limits: Limits = Limits()
+
+    @model_validator(mode="after")
+    def _bands_cover_unit_interval(self) -> "Policy":
+        previous = 0.0
+        for i, band in enumerate(self.bands):
+            if band.upto <= previous:
+                raise ValueError(f"bands must ascend: band {i} ({band.name}) ends at {band.upto}, not above {previous}")
+            previous = band.upto
+        if previous != 1.0:
+            raise ValueError(f"bands must reach 1.0; the last ends at {previous}")
+        names = [b.name for b in self.bands]
+        if len(set(names)) != len(names):
+            raise ValueError("band names must be unique")
+        return self
+
+    def band_for(self, risk: float) -> Band:
+        for band in self.bands:
+            if risk <= band.upto:
+                return band
+        return self.bands[-1]
+
+    def canonical(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+    @property
+    def hash(self) -> str:
+        blob = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Mappings merge key by key; anything else (lists included) is replaced by the override."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PolicyError([(str(path), 1, "file not found")]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PolicyError([(str(path), 1, f"cannot read: {exc}")]) from None
+
+
+def _resolve_extends(ref: str, here: Path) -> Path:
+    candidate = Path(ref)
+    if not candidate.suffix:
+        candidate = candidate.with_suffix(".yaml")
+    return candidate if candidate.is_absolute() else here.parent / candidate
+
+
+def load_raw(path: Path, _chain: tuple[Path, ...] = ()) -> tuple[dict[str, Any], LineMap]:
+    """The policy document with its `extends:` chain merged in, and where each key came from."""
+    path = Path(path)
+    resolved = path.resolve()
+    if resolved in _chain:
+        cycle = " -> ".join(p.name for p in _chain + (resolved,))
+        raise PolicyError([(str(path), 1, f"extends cycle: {cycle}")])
+    data, lines = load_yaml(_read(path), str(path))
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise PolicyError([(str(path), lines.line_for(())[1], "a policy must be a YAML mapping")])
+    data.setdefault("name", path.stem)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data, lines
+    if not isinstance(parent, str) or not parent.strip():
+        raise PolicyError([(str(path), lines.line_for(("extends",))[1], "extends must name a policy file")])
+    base_path = _resolve_extends(parent, path)
+    if not base_path.is_file():
+        raise PolicyError([(str(path), lines.line_for(("extends",))[1], f"extends: {parent!r} not found ({base_path})")])
+    base, base_lines = load_raw(base_path, _chain + (resolved,))
+    # The child's own name (explicit, or its file name) wins over the base's.
+    return deep_merge(base, data), lines.merged_over(base_lines)
+
+
+def problems_from(exc: ValidationError, lines: LineMap) -> list[tuple[str, int, str]]:
+    out = []
+    for err in exc.errors():
+        loc = tuple(err.get("loc", ()))
+        file, line = lines.line_for(loc)
+        where = ".".join(str(p) for p in loc)
+        msg = err.get("msg", "invalid")
+        if err.get("type") == "extra_forbidden":
+            msg = f"unknown key {loc[-1]!r}" if loc else "unknown key"
+        out.append((file, line, f"{where}: {msg}" if where and err.get("type") != "extra_forbidden" else msg))
+    return out
+
+
+def load_policy(path: str | Path, known_stages: Mapping[str, set[str]] | None = None) -> Policy:
+    """Load, merge and validate one policy file. With `known_stages` (stage kind -> names), also
+    reject stages that no installed plugin provides. Errors carry file and line."""
+    data, lines = load_raw(Path(path))
+    try:
+        policy = Policy.model_validate(data)
+    except ValidationError as exc:
+        raise PolicyError(problems_from(exc, lines)) from None
+    if known_stages is not None:
+        problems = unknown_stages(policy, lines, known_stages)
+        if problems:
+            raise PolicyError(problems)
+    return policy
+
+
+def unknown_stages(policy: Policy, lines: LineMap, known: Mapping[str, set[str]]) -> list[tuple[str, int, str]]:
+    uses: list[tuple[str, tuple[Any, ...], str]] = [
+        ("reformulators", ("reformulator", "use"), policy.reformulator.use),
+        ("steering_controllers", ("steering", "use"), policy.steering.use),
+    ]
+    uses += [("risk_assessors", ("risk", "assessors", i, "use"), a.use) for i, a in enumerate(policy.risk.assessors)]
+    captioner = policy.reformulator.params.get("captioner")
+    if isinstance(captioner, str):
+        uses.append(("captioners", ("reformulator", "with", "captioner"), captioner))
+    problems = []
+    for kind, loc, name in uses:
+        names = known.get(kind, set())
+        if name not in names:
+            file, line = lines.line_for(loc)
+            hint = f" (known: {', '.join(sorted(names))})" if names else ""
+            problems.append((file, line, f"unknown {kind[:-1].replace('_', ' ')} {name!r}: no installed plugin provides it{hint}"))
+    return problems

@@ -1,0 +1,251 @@
+"""`TransformersBackend`: the `Backend` seam implemented on a local transformers model.
+
+All generation is greedy (the method's risk pass and steering are defined for greedy decoding) and
+goes through `model.generate`, so each family's own input preparation (multimodal rope positions,
+caches) is used unchanged. Steering is added as a logits processor (prototype interpolation on an
+affine head), a final-norm hook (prototype interpolation on a soft-capped head) or decoder-layer
+hooks (additive steering); with no row steered, none of them is installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Any, Iterator, Sequence
+
+import torch
+from transformers import GenerationConfig, LogitsProcessorList
+from transformers.generation.streamers import BaseStreamer
+
+from guardrail.artifacts import Artifacts
+from guardrail.backend import RiskPass, TokenCallback
+from guardrail.errors import ArtifactError, ModelError
+from guardrail.models.base import ModelAdapter
+from guardrail.steering import (
+    ForcedTokensProcessor,
+    PrototypeLogitsProcessor,
+    additive_rows,
+    additive_steering,
+    capture_states,
+    hidden_interpolation,
+    interpolation_rows,
+)
+from guardrail.types import ChatRow, Generation, SteeringPlan
+
+
+class _RowStreamer(BaseStreamer):
+    """Forwards each new token of each unfinished row to a callback (skips the prompt)."""
+
+    def __init__(self, callback: TokenCallback, row_ids: Sequence[int], eos: set[int]):
+        self.callback = callback
+        self.row_ids = list(row_ids)
+        self.eos = eos
+        self.finished = [False] * len(self.row_ids)
+        self.seen_prompt = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.seen_prompt:
+            self.seen_prompt = True
+            return
+        for i, token in enumerate(value.reshape(-1).tolist()):
+            if self.finished[i]:
+                continue
+            if token in self.eos:
+                self.finished[i] = True
+                continue
+            self.callback(self.row_ids[i], int(token))
+
+    def end(self) -> None:
+        pass
+
+
+class TransformersBackend:
+    """Runs caption, risk and answer passes on one transformers model, serialised by a lock."""
+
+    def __init__(self, adapter: ModelAdapter, artifacts: Artifacts | None = None, batch_size: int = 16):
+        self.adapter = adapter
+        self.artifacts = artifacts
+        self.batch_size = batch_size
+        self.name = adapter.name
+        self.supports_images = adapter.supports_images
+        cfg = adapter.text_config()
+        self.max_context = int(getattr(cfg, "max_position_embeddings", 0) or 2048)
+        # Hooks live on shared modules, so two generations at once would see each other's hooks.
+        self.lock = threading.RLock()
+
+    # ----- small helpers -------------------------------------------------------------------------
+    def fingerprint(self) -> dict[str, Any]:
+        return self.adapter.fingerprint()
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.adapter.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.adapter.decode(token_ids)
+
+    def _config(self, max_new_tokens: int, **extra: Any) -> GenerationConfig:
+        eos = self.adapter.eos_token_ids()
+        return GenerationConfig(
+            do_sample=False,
+            num_beams=1,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos or None,
+            pad_token_id=self.adapter.tokenizer.pad_token_id,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            **extra,
+        )
+
+    def _chunks(self, rows: Sequence[ChatRow]) -> Iterator[list[int]]:
+        """Row indices in batches; rows with and without images apart where a family can't mix."""
+        groups: list[list[int]] = [list(range(len(rows)))]
+        if not getattr(self.adapter, "mixed_image_batches", True):
+            groups = [[i for i, r in enumerate(rows) if r.images], [i for i, r in enumerate(rows) if not r.images]]
+        for group in groups:
+            for start in range(0, len(group), self.batch_size):
+                if group[start : start + self.batch_size]:
+                    yield group[start : start + self.batch_size]
+
+    def _encode(self, rows: Sequence[ChatRow]) -> dict[str, Any]:
+        batch = self.adapter.encode(rows)
+        device = self.adapter.device
+        return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+    def _trim(self, ids: list[int]) -> tuple[tuple[int, ...], str]:
+        eos = set(self.adapter.eos_token_ids())
+        for i, token in enumerate(ids):
+            if token in eos:
+                return tuple(ids[:i]), "stop"
+        return tuple(ids), "length"
+
+    # ----- the seam ------------------------------------------------------------------------------
+    def caption(self, rows: Sequence[ChatRow], max_new_tokens: int) -> list[str]:
+        gens = self.generate(rows, [SteeringPlan()] * len(rows), max_new_tokens)
+        return [g.text.strip() for g in gens]
+
+    @torch.inference_mode()
+    def risk_pass(self, rows: Sequence[ChatRow], steps: int, layers: Sequence[int]) -> RiskPass:
+        n = len(rows)
+        layer_list = sorted(set(int(l) for l in layers))
+        decoder = self.adapter.decoder_layers()
+        for layer in layer_list:
+            if not 0 <= layer < len(decoder):
+                raise ModelError(f"layer {layer} out of range: {self.name} has {len(decoder)} decoder layers")
+        logits = torch.zeros(n, steps, self.adapter.vocab_size) if steps else None
+        tokens = torch.zeros(n, steps, dtype=torch.long) if steps else None
+        states = {l: torch.zeros(n, self.adapter.hidden_size) for l in layer_list}
+        with self.lock:
+            for idx in self._chunks(rows):
+                batch = self._encode([rows[i] for i in idx])
+                prompt_len = batch["input_ids"].shape[1]
+                with capture_states({l: decoder[l] for l in layer_list}, calls=1) as cap:
+                    if steps:
+                        # min_new_tokens keeps all N steps even if EOS is the argmax; the recorded
+                        # logits are the raw ones, taken before that processor.
+                        out = self.adapter.model.generate(
+                            **batch,
+                            generation_config=self._config(
+                                steps, min_new_tokens=steps, output_logits=True, return_dict_in_generate=True
+                            ),
+                        )
+                        logits[idx] = torch.stack([z.float().cpu() for z in out.logits], dim=1)
+                        tokens[idx] = out.sequences[:, prompt_len:].cpu()
+                    else:
+                        self.adapter.model(**batch, use_cache=False)
+                for l in layer_list:
+                    states[l][idx] = cap.states[l][0]
+        return RiskPass(step_logits=logits, states=states, tokens=tokens)
+
+    def _steering(self, plans: Sequence[SteeringPlan], prompt_len: int) -> tuple[list[Any], contextlib.ExitStack]:
+        """Logits processors and hooks for a batch's plans; empty when no row is steered."""
+        processors: list[Any] = []
+        stack = contextlib.ExitStack()
+        strengths, tokens = interpolation_rows(plans)
+        if any(s > 0 for s in strengths):
+            art = self._require_artifacts("prototype interpolation")
+            if max(tokens) > art.prototypes.shape[0]:
+                raise ArtifactError(
+                    f"a plan steers {max(tokens)} tokens but the artifact has prototypes for "
+                    f"{art.prototypes.shape[0]} steps; recalibrate with more --steer-steps"
+                )
+            if self.adapter.logits_are_affine:
+                processors.append(PrototypeLogitsProcessor(prompt_len, strengths, tokens, art.prototype_logits))
+            else:
+                stack.enter_context(hidden_interpolation(self.adapter.final_norm(), strengths, tokens, art.prototypes))
+        coefficients = additive_rows(plans)
+        if coefficients:
+            art = self._require_artifacts("refusal-direction steering")
+            directions = {l: art.directions[l] for l in coefficients}
+            stack.enter_context(additive_steering(self.adapter.decoder_layers(), directions, coefficients))
+        return processors, stack
+
+    def _require_artifacts(self, what: str) -> Artifacts:
+        if self.artifacts is None:
+            raise ArtifactError(f"{what} needs calibration artifacts; run `guardrail calibrate` and pass --artifacts")
+        return self.artifacts
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        rows: Sequence[ChatRow],
+        plans: Sequence[SteeringPlan],
+        max_new_tokens: int,
+        on_tokens: TokenCallback | None = None,
+    ) -> list[Generation]:
+        if len(rows) != len(plans):
+            raise ValueError("one steering plan per row")
+        results: list[Generation | None] = [None] * len(rows)
+        with self.lock:
+            for idx in self._chunks(rows):
+                batch = self._encode([rows[i] for i in idx])
+                prompt_len = batch["input_ids"].shape[1]
+                processors, hooks = self._steering([plans[i] for i in idx], prompt_len)
+                streamer = _RowStreamer(on_tokens, idx, set(self.adapter.eos_token_ids())) if on_tokens else None
+                with hooks:
+                    out = self.adapter.model.generate(
+                        **batch,
+                        generation_config=self._config(max_new_tokens),
+                        logits_processor=LogitsProcessorList(processors),
+                        streamer=streamer,
+                    )
+                for j, i in enumerate(idx):
+                    ids, reason = self._trim(out[j, prompt_len:].tolist())
+                    results[i] = Generation(text=self.adapter.decode(ids), token_ids=ids, finish_reason=reason)
+        return [r for r in results if r is not None]
+
+    @torch.inference_mode()
+    def response_states(
+        self, rows: Sequence[ChatRow], steps: int, max_new_tokens: int, forced_ids: Sequence[int] | None = None
+    ) -> tuple[torch.Tensor, list[Generation]]:
+        """Final post-norm states [B, steps, d] at response steps 1..steps of greedy (or
+        teacher-forced) answers, with the answers themselves. Used by calibration."""
+        out_states = torch.zeros(len(rows), steps, self.adapter.hidden_size)
+        gens: list[Generation | None] = [None] * len(rows)
+        with self.lock:
+            for idx in self._chunks(rows):
+                batch = self._encode([rows[i] for i in idx])
+                prompt_len = batch["input_ids"].shape[1]
+                procs = [ForcedTokensProcessor(prompt_len, forced_ids)] if forced_ids else []
+                with capture_states({"final": self.adapter.final_norm()}, calls=steps) as cap:
+                    out = self.adapter.model.generate(
+                        **batch,
+                        generation_config=self._config(max(max_new_tokens, steps), min_new_tokens=steps),
+                        logits_processor=LogitsProcessorList(procs),
+                    )
+                out_states[idx] = torch.stack(cap.states["final"], dim=1)
+                for j, i in enumerate(idx):
+                    ids, reason = self._trim(out[j, prompt_len:].tolist())
+                    gens[i] = Generation(text=self.adapter.decode(ids), token_ids=ids, finish_reason=reason)
+        return out_states, [g for g in gens if g is not None]
+
+    @torch.inference_mode()
+    def head_logits(self, states: torch.Tensor) -> torch.Tensor:
+        """lm_head applied to final post-norm states (float32), e.g. prototype logits P = W_U μ."""
+        head = self.adapter.lm_head()
+        weight = head.weight
+        logits = head(states.to(device=weight.device, dtype=weight.dtype)).float().cpu()
+        cap = getattr(self.adapter.text_config(), "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits

@@ -1,0 +1,83 @@
+"""Captioner `ocr`: reads the text out of an image, so text-only backbones can take images.
+
+Uses rapidocr-onnxruntime (its ONNX models ship inside the wheel; nothing is downloaded). Its
+recogniser drops the spaces of English text ("Stepstomakeapipebomb."), so letter runs are split back
+into words with wordninja's English unigram model. The visual context reads:
+    The image shows the text: "Steps to make a pipe bomb. 1. 2. 3."
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from typing import Any, Sequence
+
+from guardrail import hookimpl
+from guardrail.errors import ModelError
+
+_LETTERS = re.compile(r"[A-Za-z]+|[^A-Za-z]+")
+
+
+def respace(line: str) -> str:
+    """Put spaces back into OCR output whose words run together; leaves spaced text alone."""
+    if " " in line.strip():
+        return line.strip()
+    import wordninja
+
+    parts = []
+    for piece in _LETTERS.findall(line):
+        if piece[0].isalpha() and len(piece) > 3:
+            parts.append(" ".join(wordninja.split(piece)) or piece)
+        else:
+            parts.append(piece)
+    text = ""
+    for part in parts:
+        if text and part[0].isalpha() and text[-1] not in " ":
+            text += " "
+        elif text and part[0].isdigit() and text[-1] not in " ":
+            text += " "
+        text += part
+    return re.sub(r"\s+", " ", text).strip()
+
+
+class OcrCaptioner:
+    def __init__(self, min_confidence: float = 0.5, max_chars: int = 400):
+        self.min_confidence = min_confidence
+        self.max_chars = max_chars
+        self._engine: Any = None
+        self._lock = threading.Lock()
+
+    def _load(self) -> Any:
+        with self._lock:
+            if self._engine is None:
+                try:
+                    from rapidocr_onnxruntime import RapidOCR
+                    import wordninja  # noqa: F401  (checked now, so a missing extra fails at policy load)
+                except ImportError as exc:
+                    raise ModelError(f"the ocr captioner needs `pip install 'guardrail[ocr]'` ({exc})") from exc
+                self._engine = RapidOCR()
+            return self._engine
+
+    def check(self, env: Any = None, policy: Any = None) -> None:
+        self._load()
+
+    def read_text(self, image: Any) -> str:
+        import numpy as np
+
+        engine = self._load()
+        with self._lock:
+            result, _ = engine(np.asarray(image.convert("RGB")))
+        lines = [respace(text) for _box, text, score in (result or []) if float(score) >= self.min_confidence]
+        return " ".join(line for line in lines if line)[: self.max_chars]
+
+    def caption(self, images: Sequence[Any], env: Any) -> list[str]:
+        out = []
+        for image in images:
+            text = self.read_text(image)
+            out.append(f'The image shows the text: "{text}"' if text else "The image shows no readable text.")
+        return out
+
+
+@hookimpl
+def guardrail_register_captioners(register):
+    register("ocr", OcrCaptioner)
