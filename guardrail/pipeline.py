@@ -171,6 +171,31 @@ class Guardrail:
         req = request if isinstance(request, Request) else Request(text=request, **fields)
         return TextStream(self, req)
 
+    # ----- asyncio: the same pipeline, run in a worker thread so the event loop never blocks -----
+    async def agenerate(self, request: Request | str, **fields: Any) -> Result:
+        import asyncio
+
+        return await asyncio.to_thread(self.generate, request, **fields)
+
+    async def agenerate_batch(
+        self, requests: Sequence[Request], on_tokens: Callable[[int, int], None] | None = None
+    ) -> list[Result]:
+        """`on_tokens` is called from the worker thread (use loop.call_soon_threadsafe to hop back)."""
+        import asyncio
+
+        return await asyncio.to_thread(self.generate_batch, requests, on_tokens)
+
+    async def aassess(self, request: Request | str, **fields: Any) -> Result:
+        import asyncio
+
+        return await asyncio.to_thread(self.assess, request, **fields)
+
+    def astream(self, request: Request | str, **fields: Any) -> "AsyncTextStream":
+        """`async for chunk in guard.astream(...)`; `.result` after the loop, as with `stream`."""
+        from guardrail.aio import AsyncTextStream
+
+        return AsyncTextStream(lambda: self.stream(request, **fields))
+
     def validate(self, request: Request) -> None:
         """Raise InputError if the request would be rejected; runs nothing else."""
         self._start([request])
