@@ -72,13 +72,18 @@ class TransformersBackend:
         self.max_context = int(getattr(cfg, "max_position_embeddings", 0) or 2048)
         # Hooks live on shared modules, so two generations at once would see each other's hooks.
         self.lock = threading.RLock()
+        # The transformers tokenizer wrapper switches the Rust tokenizer's padding on and off per
+        # call, so an unpadded call (count_tokens, from a request thread) racing a padded batch
+        # encode makes the batch fail to tensorize. Tokenizer calls take this short lock.
+        self.tokenizer_lock = threading.Lock()
 
     # ----- small helpers -------------------------------------------------------------------------
     def fingerprint(self) -> dict[str, Any]:
         return self.adapter.fingerprint()
 
     def count_tokens(self, text: str) -> int:
-        return len(self.adapter.tokenizer(text, add_special_tokens=False)["input_ids"])
+        with self.tokenizer_lock:
+            return len(self.adapter.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.adapter.decode(token_ids)
@@ -108,7 +113,8 @@ class TransformersBackend:
                     yield group[start : start + self.batch_size]
 
     def _encode(self, rows: Sequence[ChatRow]) -> dict[str, Any]:
-        batch = self.adapter.encode(rows)
+        with self.tokenizer_lock:
+            batch = self.adapter.encode(rows)
         device = self.adapter.device
         return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
