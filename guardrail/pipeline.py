@@ -34,6 +34,7 @@ from guardrail.types import (
     RequestContext,
     Result,
     RiskAssessment,
+    SteeringPlan,
 )
 
 
@@ -341,27 +342,42 @@ class Guardrail:
         self._run("assess", live, run)
 
     def _decide(self, ctxs: list[RequestContext]) -> None:
+        # The controller is a plugin like any other stage: its faults and hangs go through _run,
+        # so they fail the request per its policy instead of escaping from the whole batch.
+        groups: dict[int, list[RequestContext]] = {}
         for ctx in ctxs:
-            if ctx.done or ctx.degraded:
-                continue
-            req, policy = ctx.request, ctx.policy
-            if req.unguarded:
-                ctx.action, ctx.plan = "unguarded", NO_STEERING
-                continue
-            risk = ctx.assessment.risk if ctx.assessment else 0.0
-            band = policy.band_for(risk)
-            ctx.band = band
-            controller = ctx.runtime.controller
-            if req.force_strength is not None:
-                ctx.action, ctx.plan = "forced", controller.plan(req.force_strength, band.tokens)
-            elif policy.mode == "observe":
-                ctx.action, ctx.plan = "observe", NO_STEERING
-            elif band.action == "refuse":
-                ctx.action, ctx.plan, ctx.done = "refuse", NO_STEERING, True
-            else:
-                ctx.action, ctx.plan = "steer", controller.plan(band.strength_for(risk), band.tokens)
-            if ctx.assess_only:
-                ctx.done = True
+            if not ctx.done and not ctx.degraded:
+                groups.setdefault(id(ctx.runtime.controller), []).append(ctx)
+
+        def plan(controller: Any, strength: float, tokens: int) -> SteeringPlan:
+            out = controller.plan(strength, tokens)
+            if not isinstance(out, SteeringPlan):
+                raise TypeError(f"steering controller returned {type(out).__name__}, not a SteeringPlan")
+            return out
+
+        def run(group: list[RequestContext]) -> None:
+            for ctx in group:
+                req, policy = ctx.request, ctx.policy
+                if req.unguarded:
+                    ctx.action, ctx.plan = "unguarded", NO_STEERING
+                    continue
+                risk = ctx.assessment.risk if ctx.assessment else 0.0
+                band = policy.band_for(risk)
+                ctx.band = band
+                controller = ctx.runtime.controller
+                if req.force_strength is not None:
+                    ctx.action, ctx.plan = "forced", plan(controller, req.force_strength, band.tokens)
+                elif policy.mode == "observe":
+                    ctx.action, ctx.plan = "observe", NO_STEERING
+                elif band.action == "refuse":
+                    ctx.action, ctx.plan, ctx.done = "refuse", NO_STEERING, True
+                else:
+                    ctx.action, ctx.plan = "steer", plan(controller, band.strength_for(risk), band.tokens)
+                if ctx.assess_only:
+                    ctx.done = True
+
+        for group in groups.values():
+            self._run("steer", group, run)
 
     def _generate(self, ctxs: list[RequestContext], on_tokens: Callable[[int, int], None] | None) -> None:
         position = {id(c): i for i, c in enumerate(ctxs)}
