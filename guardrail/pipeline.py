@@ -14,7 +14,7 @@ import concurrent.futures
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 from guardrail.audit import AuditError, sha256_text
 from guardrail.backend import Backend, RiskPass
@@ -46,6 +46,10 @@ class PolicyRuntime:
     reformulator: Any
     assessors: tuple[tuple[AssessorSpec, RiskAssessor], ...]
     controller: Any
+
+
+Commit = Optional[Callable[[], None]]
+"""What a stage function returns: how to write its results into the contexts (see Guardrail._run)."""
 
 
 def combine(scores: dict[str, Score], specs: Sequence[AssessorSpec], rule: str) -> float:
@@ -249,23 +253,21 @@ class Guardrail:
             decode_image(src, limits.max_image_pixels, limits.max_image_bytes, i) for i, src in enumerate(req.images)
         ]
 
-    def _run(self, stage: str, ctxs: list[RequestContext], fn: Callable[[list[RequestContext]], None]) -> None:
+    def _run(self, stage: str, ctxs: list[RequestContext], fn: Callable[[list[RequestContext]], Commit]) -> None:
         """Run one stage over a group: time it, enforce the policies' timeout, and turn any
-        exception into each request's failure according to its own policy."""
+        exception into each request's failure according to its own policy.
+
+        `fn` computes the stage and returns a commit that writes its results into the contexts. The
+        commit runs here, in the caller's thread and only on success: a stage that timed out keeps
+        running in its thread, and whatever it returns later must not change a request that has
+        already failed (closed, or open with the fallback prompt)."""
         if not ctxs:
             return
-        timeouts = [c.policy.limits.stage_timeout_s for c in ctxs if c.policy.limits.stage_timeout_s]
         t0 = time.perf_counter()
         try:
-            if timeouts:
-                future = self._pool.submit(fn, ctxs)
-                try:
-                    future.result(timeout=min(timeouts))
-                except concurrent.futures.TimeoutError:
-                    future.cancel()
-                    raise StageError(stage, f"timed out after {min(timeouts)} s") from None
-            else:
-                fn(ctxs)
+            commit = self._call(stage, ctxs, fn)
+            if commit is not None:
+                commit()
         except Exception as exc:  # a stage may raise anything; the policy decides what follows
             err = exc if isinstance(exc, StageError) else StageError(stage, exc)
             for ctx in ctxs:
@@ -273,6 +275,17 @@ class Guardrail:
         elapsed = (time.perf_counter() - t0) * 1000
         for ctx in ctxs:
             ctx.timings_ms[stage] = ctx.timings_ms.get(stage, 0.0) + elapsed
+
+    def _call(self, stage: str, ctxs: list[RequestContext], fn: Callable[[list[RequestContext]], Commit]) -> Commit:
+        timeouts = [c.policy.limits.stage_timeout_s for c in ctxs if c.policy.limits.stage_timeout_s]
+        if not timeouts:
+            return fn(ctxs)
+        future = self._pool.submit(fn, ctxs)
+        try:
+            return future.result(timeout=min(timeouts))
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise StageError(stage, f"timed out after {min(timeouts)} s") from None
 
     def _fail(self, ctx: RequestContext, stage: str, err: StageError) -> None:
         detail = err.error if isinstance(err.error, str) else f"{type(err.error).__name__}: {err.error}"
@@ -292,13 +305,17 @@ class Guardrail:
         for ctx in ctxs:
             groups.setdefault(id(ctx.runtime.reformulator), []).append(ctx)
 
-        def run(group: list[RequestContext]) -> None:
+        def run(group: list[RequestContext]) -> Commit:
             stage = group[0].runtime.reformulator
             out = stage.reformulate(group, self.env)
             if len(out) != len(group):
                 raise RuntimeError(f"reformulator returned {len(out)} results for {len(group)} requests")
-            for ctx, ref in zip(group, out):
-                ctx.reformulation = ref
+
+            def commit() -> None:
+                for ctx, ref in zip(group, out):
+                    ctx.reformulation = ref
+
+            return commit
 
         for group in groups.values():
             self._run("reformulate", group, run)
@@ -308,7 +325,7 @@ class Guardrail:
         if not live:
             return
 
-        def run(group: list[RequestContext]) -> None:
+        def run(group: list[RequestContext]) -> Commit:
             needs = [a.needs(self.env) for c in group for _, a in c.runtime.assessors]
             steps = max((n.steps for n in needs), default=0)
             layers = sorted(set().union(*(n.layers for n in needs))) if needs else []
@@ -331,13 +348,20 @@ class Guardrail:
                     if not 0.0 <= score.risk <= 1.0:  # also rejects NaN
                         raise RuntimeError(f"assessor {label!r} returned risk {score.risk} outside [0, 1]")
                     per_ctx[i][label] = score
-            for ctx, scores in zip(group, per_ctx):
-                specs = [s for s, _ in ctx.runtime.assessors]
-                ctx.assessment = RiskAssessment(
-                    risk=combine(scores, specs, ctx.policy.risk.combine),
+            assessments = [
+                RiskAssessment(
+                    risk=combine(scores, [s for s, _ in ctx.runtime.assessors], ctx.policy.risk.combine),
                     scores={k: v.risk for k, v in scores.items()},
                     raw={k: v.raw for k, v in scores.items()},
                 )
+                for ctx, scores in zip(group, per_ctx)
+            ]
+
+            def commit() -> None:
+                for ctx, assessment in zip(group, assessments):
+                    ctx.assessment = assessment
+
+            return commit
 
         self._run("assess", live, run)
 
@@ -355,26 +379,32 @@ class Guardrail:
                 raise TypeError(f"steering controller returned {type(out).__name__}, not a SteeringPlan")
             return out
 
-        def run(group: list[RequestContext]) -> None:
-            for ctx in group:
-                req, policy = ctx.request, ctx.policy
-                if req.unguarded:
-                    ctx.action, ctx.plan = "unguarded", NO_STEERING
-                    continue
-                risk = ctx.assessment.risk if ctx.assessment else 0.0
-                band = policy.band_for(risk)
-                ctx.band = band
-                controller = ctx.runtime.controller
-                if req.force_strength is not None:
-                    ctx.action, ctx.plan = "forced", plan(controller, req.force_strength, band.tokens)
-                elif policy.mode == "observe":
-                    ctx.action, ctx.plan = "observe", NO_STEERING
-                elif band.action == "refuse":
-                    ctx.action, ctx.plan, ctx.done = "refuse", NO_STEERING, True
-                else:
-                    ctx.action, ctx.plan = "steer", plan(controller, band.strength_for(risk), band.tokens)
-                if ctx.assess_only:
-                    ctx.done = True
+        def decide(ctx: RequestContext) -> tuple[str, SteeringPlan, Any, bool]:
+            """(action, plan, band, done) for one request."""
+            req, policy = ctx.request, ctx.policy
+            if req.unguarded:
+                return "unguarded", NO_STEERING, None, ctx.assess_only
+            risk = ctx.assessment.risk if ctx.assessment else 0.0
+            band = policy.band_for(risk)
+            controller = ctx.runtime.controller
+            if req.force_strength is not None:
+                return "forced", plan(controller, req.force_strength, band.tokens), band, ctx.assess_only
+            if policy.mode == "observe":
+                return "observe", NO_STEERING, band, ctx.assess_only
+            if band.action == "refuse":
+                return "refuse", NO_STEERING, band, True
+            return "steer", plan(controller, band.strength_for(risk), band.tokens), band, ctx.assess_only
+
+        def run(group: list[RequestContext]) -> Commit:
+            decisions = [decide(ctx) for ctx in group]
+
+            def commit() -> None:
+                for ctx, (action, steering, band, done) in zip(group, decisions):
+                    ctx.action, ctx.plan, ctx.done = action, steering, done
+                    if band is not None:
+                        ctx.band = band
+
+            return commit
 
         for group in groups.values():
             self._run("steer", group, run)
@@ -386,7 +416,7 @@ class Guardrail:
             if not ctx.done:
                 groups.setdefault(ctx.max_new_tokens, []).append(ctx)
 
-        def run(group: list[RequestContext]) -> None:
+        def run(group: list[RequestContext]) -> Commit:
             callback = None
             if on_tokens is not None:
                 index = [position[id(c)] for c in group]
@@ -397,8 +427,14 @@ class Guardrail:
                 group[0].max_new_tokens,
                 on_tokens=callback,
             )
-            for ctx, gen in zip(group, gens):
-                ctx.generation = gen
+            if len(gens) != len(group):
+                raise RuntimeError(f"the engine returned {len(gens)} generations for {len(group)} prompts")
+
+            def commit() -> None:
+                for ctx, gen in zip(group, gens):
+                    ctx.generation = gen
+
+            return commit
 
         for group in groups.values():
             self._run("generate", group, run)
