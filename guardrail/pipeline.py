@@ -253,28 +253,48 @@ class Guardrail:
             decode_image(src, limits.max_image_pixels, limits.max_image_bytes, i) for i, src in enumerate(req.images)
         ]
 
-    def _run(self, stage: str, ctxs: list[RequestContext], fn: Callable[[list[RequestContext]], Commit]) -> None:
+    def _run(
+        self,
+        stage: str,
+        ctxs: list[RequestContext],
+        fn: Callable[[list[RequestContext]], Commit],
+        may_retry: Callable[[list[RequestContext]], bool] = lambda group: True,
+    ) -> None:
         """Run one stage over a group: time it, enforce the policies' timeout, and turn any
         exception into each request's failure according to its own policy.
 
         `fn` computes the stage and returns a commit that writes its results into the contexts. The
         commit runs here, in the caller's thread and only on success: a stage that timed out keeps
         running in its thread, and whatever it returns later must not change a request that has
-        already failed (closed, or open with the fallback prompt)."""
+        already failed (closed, or open with the fallback prompt).
+
+        When a group that mixes policies fails, each policy's requests run the stage again on their
+        own (those `may_retry` allows), so one tenant's faulty or hanging plugin, or its short
+        timeout, does not fail the other tenants' requests that happen to share the batch."""
         if not ctxs:
             return
         t0 = time.perf_counter()
+        err: StageError | None = None
         try:
             commit = self._call(stage, ctxs, fn)
             if commit is not None:
                 commit()
         except Exception as exc:  # a stage may raise anything; the policy decides what follows
             err = exc if isinstance(exc, StageError) else StageError(stage, exc)
-            for ctx in ctxs:
-                self._fail(ctx, stage, err)
         elapsed = (time.perf_counter() - t0) * 1000
         for ctx in ctxs:
             ctx.timings_ms[stage] = ctx.timings_ms.get(stage, 0.0) + elapsed
+        if err is None:
+            return
+        by_policy: dict[int, list[RequestContext]] = {}
+        for ctx in ctxs:
+            by_policy.setdefault(id(ctx.runtime), []).append(ctx)
+        for group in by_policy.values():
+            if len(by_policy) > 1 and may_retry(group):
+                self._run(stage, group, fn, may_retry)
+            else:
+                for ctx in group:
+                    self._fail(ctx, stage, err)
 
     def _call(self, stage: str, ctxs: list[RequestContext], fn: Callable[[list[RequestContext]], Commit]) -> Commit:
         timeouts = [c.policy.limits.stage_timeout_s for c in ctxs if c.policy.limits.stage_timeout_s]
@@ -416,11 +436,16 @@ class Guardrail:
             if not ctx.done:
                 groups.setdefault(ctx.max_new_tokens, []).append(ctx)
 
+        streamed: set[int] = set()  # requests whose tokens already went out: never generated twice
+
         def run(group: list[RequestContext]) -> Commit:
             callback = None
             if on_tokens is not None:
                 index = [position[id(c)] for c in group]
-                callback = lambda row, token: on_tokens(index[row], token)  # noqa: E731
+
+                def callback(row: int, token: int) -> None:
+                    streamed.add(id(group[row]))
+                    on_tokens(index[row], token)
             gens = self.engine.generate(
                 [c.reformulation.answer_prompt for c in group],
                 [c.plan for c in group],
@@ -437,16 +462,18 @@ class Guardrail:
             return commit
 
         for group in groups.values():
-            self._run("generate", group, run)
+            self._run("generate", group, run, lambda sub: not any(id(c) in streamed for c in sub))
             # fail_open: a generation that failed with steering is retried once without it.
-            retry = [c for c in group if c.degraded and c.generation is None and not c.done]
+            # A request whose tokens were already streamed is not generated twice.
+            failed = [c for c in group if c.degraded and c.generation is None and not c.done]
+            retry = [c for c in failed if id(c) not in streamed]
             if retry:
                 for ctx in retry:
                     ctx.plan = NO_STEERING
                 self._run("generate", retry, run)
-                for ctx in retry:
-                    if ctx.generation is None:
-                        ctx.done, ctx.action = True, "error"
+            for ctx in failed:
+                if ctx.generation is None:
+                    ctx.done, ctx.action = True, "error"
 
     # ----- results and audit --------------------------------------------------------------------
     def _finish(self, ctx: RequestContext) -> Result:
