@@ -11,6 +11,7 @@ tenant registry), so concurrent calls from threads are safe.
 from __future__ import annotations
 
 import concurrent.futures
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,7 +82,6 @@ class Guardrail:
         self.sinks = list(audit_sinks)
         if audit_log is not None:
             self.sinks.append(self.plugins.create("audit_sinks", "jsonl", {"path": str(audit_log)}))
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="guardrail-stage")
         self.registry = TenantRegistry(
             policies, known_stages=self.plugins.known_stages(), on_reload=self._audit_event, prepare=self._prepare
         )
@@ -206,7 +206,6 @@ class Guardrail:
         self._start([request])
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
         for sink in self.sinks:
             close = getattr(sink, "close", None)
             if close is not None:
@@ -300,11 +299,21 @@ class Guardrail:
         timeouts = [c.policy.limits.stage_timeout_s for c in ctxs if c.policy.limits.stage_timeout_s]
         if not timeouts:
             return fn(ctxs)
-        future = self._pool.submit(fn, ctxs)
+        # A thread per timed call, not a pool: a stage that hangs keeps its thread forever, and a
+        # few hung threads in a shared pool would leave every later timed stage queued until it,
+        # too, timed out (one tenant's hanging plugin refusing everyone's requests).
+        future: concurrent.futures.Future = concurrent.futures.Future()
+
+        def work() -> None:
+            try:
+                future.set_result(fn(ctxs))
+            except BaseException as exc:  # handed to the waiting caller
+                future.set_exception(exc)
+
+        threading.Thread(target=work, name=f"guardrail-{stage}", daemon=True).start()
         try:
             return future.result(timeout=min(timeouts))
         except concurrent.futures.TimeoutError:
-            future.cancel()
             raise StageError(stage, f"timed out after {min(timeouts)} s") from None
 
     def _fail(self, ctx: RequestContext, stage: str, err: StageError) -> None:
