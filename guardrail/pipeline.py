@@ -492,12 +492,13 @@ class Guardrail:
         try:
             self._write_audit(record)
         except Exception as exc:  # never swallowed: the request fails per its policy
-            message = f"audit: {type(exc).__name__}: {exc}"
+            detail = f"{type(exc).__name__}: {exc}"
             if ctx.policy.on_error == "fail_closed":
-                ctx.done, ctx.action, ctx.error = True, "error", ("audit", message)
+                ctx.done, ctx.action, ctx.error = True, "error", ("audit", detail)
                 result = self._result(ctx)
             else:
-                result = _replace(result, error=message, degraded=True)
+                result = _replace(result, error=f"audit: {detail}", degraded=True)
+            self._audit_failure(record, result)
         ctx.timings_ms["audit"] = (time.perf_counter() - t0) * 1000
         total = sum(v for k, v in ctx.timings_ms.items() if k != "total")
         ctx.timings_ms["total"] = total
@@ -574,9 +575,44 @@ class Guardrail:
         return record
 
     def _write_audit(self, record: dict[str, Any]) -> None:
+        """Every sink and the audit hooks get the record even when one of them fails (a broken
+        remote sink must not cost the local log its record); then the first failure is raised."""
+        errors: list[Exception] = []
         for sink in self.sinks:
-            sink.write(record)
-        self.plugins.hook.guardrail_audit(record=record)
+            try:
+                sink.write(record)
+            except Exception as exc:  # collected and raised below
+                errors.append(exc)
+        try:
+            self.plugins.hook.guardrail_audit(record=record)
+        except Exception as exc:
+            errors.append(exc)
+        if errors:
+            raise errors[0]
+
+    def _audit_failure(self, record: dict[str, Any], result: Result) -> None:
+        """Tell the sinks that still work what became of a request whose record could not be
+        written everywhere: the sinks that took it saw an outcome the caller never got. Best
+        effort: the request has already failed (or been flagged) because of the first error, so
+        a sink failing again here is not raised a second time."""
+        event = {
+            "event": "audit_error",
+            "request_id": record.get("request_id"),
+            "tenant": record.get("tenant"),
+            "policy": record.get("policy"),
+            "action": result.action,
+            "error": result.error,
+            "output_sha256": sha256_text(result.text),
+        }
+        for sink in self.sinks:
+            try:
+                sink.write(event)
+            except Exception:  # see the docstring
+                pass
+        try:
+            self.plugins.hook.guardrail_audit(record=event)
+        except Exception:  # see the docstring
+            pass
 
     def _audit_event(self, record: dict[str, Any]) -> None:
         """Audit a non-request event (a policy reload). A failing sink raises to the caller."""
