@@ -126,6 +126,8 @@ class Guardrail:
                         check(self.env, policy)
             except GuardrailError as exc:
                 raise PolicyError([(f"policy {name}", 1, str(exc))]) from exc
+            except Exception as exc:  # a plugin's factory or check() can raise anything
+                raise PolicyError([(f"policy {name}", 1, f"a stage failed to build: {type(exc).__name__}: {exc}")]) from exc
             runtimes[name] = runtime
         return runtimes
 
