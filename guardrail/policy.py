@@ -20,6 +20,15 @@ from guardrail.yaml_lines import LineMap, load_yaml
 DEFAULT_REFUSAL = "I'm sorry, but I can't help with that."
 
 
+class LocatedValueError(ValueError):
+    """A validation error that knows where below the validated field it belongs (e.g. a band's
+    index), so the message can point at that line of the YAML file."""
+
+    def __init__(self, message: str, loc: tuple[Any, ...]):
+        super().__init__(message)
+        self.loc = loc
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -112,19 +121,22 @@ class Policy(_Strict):
     audit: AuditSpec = AuditSpec()
     limits: Limits = Limits()
 
-    @model_validator(mode="after")
-    def _bands_cover_unit_interval(self) -> "Policy":
+    @field_validator("bands")
+    @classmethod
+    def _bands_cover_unit_interval(cls, bands: list[Band]) -> list[Band]:
         previous = 0.0
-        for i, band in enumerate(self.bands):
+        for i, band in enumerate(bands):
             if band.upto <= previous:
-                raise ValueError(f"bands must ascend: band {i} ({band.name}) ends at {band.upto}, not above {previous}")
+                raise LocatedValueError(f"bands must ascend: band {i} ({band.name}) ends at {band.upto}, not above {previous}", (i, "upto"))
             previous = band.upto
         if previous != 1.0:
-            raise ValueError(f"bands must reach 1.0; the last ends at {previous}")
-        names = [b.name for b in self.bands]
-        if len(set(names)) != len(names):
-            raise ValueError("band names must be unique")
-        return self
+            raise LocatedValueError(f"bands must reach 1.0; the last ends at {previous}", (len(bands) - 1, "upto"))
+        seen: set[str] = set()
+        for i, band in enumerate(bands):
+            if band.name in seen:
+                raise LocatedValueError(f"band names must be unique: {band.name!r} repeats", (i, "name"))
+            seen.add(band.name)
+        return bands
 
     def band_for(self, risk: float) -> Band:
         for band in self.bands:
@@ -198,9 +210,12 @@ def problems_from(exc: ValidationError, lines: LineMap) -> list[tuple[str, int, 
     out = []
     for err in exc.errors():
         loc = tuple(err.get("loc", ()))
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, LocatedValueError):
+            loc = loc + cause.loc
         file, line = lines.line_for(loc)
         where = ".".join(str(p) for p in loc)
-        msg = err.get("msg", "invalid")
+        msg = err.get("msg", "invalid").removeprefix("Value error, ")
         if err.get("type") == "extra_forbidden":
             msg = f"unknown key {loc[-1]!r}" if loc else "unknown key"
         out.append((file, line, f"{where}: {msg}" if where and err.get("type") != "extra_forbidden" else msg))
