@@ -39,7 +39,13 @@ class LineMap:
 
 def load_yaml(text: str, filename: str) -> tuple[Any, LineMap]:
     """Parse one YAML document with the safe loader. Raises PolicyError with file and line."""
-    loader = yaml.SafeLoader(text)
+    try:
+        # The reader checks the characters when it is built: a control character raises here.
+        loader = yaml.SafeLoader(text)
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, max(0, exc.position)) + 1
+        code = exc.character if isinstance(exc.character, int) else ord(exc.character)
+        raise PolicyError([(filename, line, f"invalid YAML: {exc.reason} (character #x{code:04x})")]) from None
     try:
         node = loader.get_single_node()
         if node is None:
