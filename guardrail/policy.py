@@ -30,7 +30,31 @@ class LocatedValueError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    # No .inf/.nan: an infinite weight makes the combined risk NaN, an infinite timeout overflows.
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False)
+
+
+MAX_PARAM_DEPTH = 32
+
+
+def _plain_data(value: Any, loc: tuple[Any, ...] = ()) -> None:
+    """Stage parameters must be JSON data: the policy hash (in every result and audit record) is
+    taken over them, and a value it cannot serialise would fail every request, not the load."""
+    if len(loc) > MAX_PARAM_DEPTH:
+        raise LocatedValueError(f"parameters nest deeper than {MAX_PARAM_DEPTH} levels", loc[:1])
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise LocatedValueError(f"parameter keys must be strings, got {key!r}", loc)
+            _plain_data(item, loc + (key,))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _plain_data(item, loc + (i,))
+    elif value is not None and not isinstance(value, (str, int, float, bool)):
+        where = ".".join(str(p) for p in loc) or "value"
+        raise LocatedValueError(
+            f"parameter {where} is a {type(value).__name__}; use strings, numbers, booleans, lists and mappings", loc
+        )
 
 
 class StageSpec(_Strict):
@@ -38,6 +62,12 @@ class StageSpec(_Strict):
 
     use: str = Field(min_length=1)
     params: dict[str, Any] = Field(default_factory=dict, alias="with")
+
+    @field_validator("params")
+    @classmethod
+    def _params_are_plain_data(cls, params: dict[str, Any]) -> dict[str, Any]:
+        _plain_data(params)
+        return params
 
 
 class AssessorSpec(StageSpec):
@@ -105,7 +135,7 @@ class Limits(_Strict):
     max_image_pixels: int = Field(default=25_000_000, ge=1, description="decompression-bomb guard")
     max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
     max_new_tokens: int = Field(default=256, ge=1)
-    stage_timeout_s: float | None = Field(default=None, gt=0)
+    stage_timeout_s: float | None = Field(default=None, gt=0, le=86_400)
 
 
 class Policy(_Strict):
