@@ -7,7 +7,8 @@ run it in worker threads; the event loop is never blocked by a model call or a q
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator, Callable, Iterable, Iterator
+import threading
+from typing import Any, AsyncIterator, Callable, Iterable
 
 _END = object()
 
@@ -20,9 +21,10 @@ class AsyncTextStream:
     is where bad input (InputError) or a full queue (OverloadedError) is raised, so a server calls
     `start()` before it sends any response header. `.result` is the Result once iteration has ended.
 
-    Each chunk is fetched with one hop to a worker thread. If the consumer stops early (a client
-    disconnect), the generation itself still runs to its end and is audited, as a non-streamed
-    request would be."""
+    One thread per stream drains the blocking iterator into an asyncio queue, so a slow stream never
+    holds a slot of the loop's default executor (which is small, and shared with every other
+    `to_thread`). If the consumer stops early (a client disconnect), the generation itself still runs
+    to its end and is audited, as a non-streamed request would be."""
 
     def __init__(self, open_stream: Callable[[], Iterable[str]]):
         self._open = open_stream
@@ -47,13 +49,36 @@ class AsyncTextStream:
     async def _chunks(self) -> AsyncIterator[str]:
         await self.start()
         assert self._stream is not None
-        iterator: Iterator[str] = iter(self._stream)
+        loop = asyncio.get_running_loop()
+        chunks: "asyncio.Queue[tuple[Any, BaseException | None]]" = asyncio.Queue()
+        threading.Thread(target=_pump, args=(self._stream, loop, chunks), name="guardrail-astream", daemon=True).start()
         while True:
-            # next() with a default: a StopIteration must not cross into an asyncio future.
-            chunk = await asyncio.to_thread(next, iterator, _END)
+            chunk, error = await chunks.get()
             if chunk is _END:
+                if error is not None:
+                    raise error
                 return
-            yield chunk  # type: ignore[misc]
+            yield chunk
 
     async def text(self) -> str:
         return "".join([chunk async for chunk in self])
+
+
+def _pump(stream: Iterable[str], loop: asyncio.AbstractEventLoop, chunks: "asyncio.Queue[Any]") -> None:
+    """Runs in its own thread: every chunk, then the end (with the error, if any), onto the loop."""
+
+    def put(item: tuple[Any, BaseException | None]) -> bool:
+        try:
+            loop.call_soon_threadsafe(chunks.put_nowait, item)
+            return True
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            return False
+
+    try:
+        for chunk in stream:
+            if not put((chunk, None)):
+                return
+    except BaseException as exc:  # raised to the consumer, in the loop
+        put((_END, exc))
+    else:
+        put((_END, None))

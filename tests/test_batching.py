@@ -264,3 +264,25 @@ def test_two_hundred_concurrent_requests_of_two_tenants_match_serial_runs(art_ro
         assert record["output_tokens"] == len(result.token_ids)
     assert any(b == {"alpha", "beta"} for b in batches), batches  # the tenants shared a batch
     assert len(batches) < 200  # requests were actually gathered
+
+
+def test_async_text_stream_delivers_chunks_then_the_streams_own_error():
+    from guardrail.aio import AsyncTextStream
+
+    def chunks():
+        yield "a"
+        yield "b"
+        raise RuntimeError("generation broke")
+
+    async def main():
+        seen = []
+        with pytest.raises(RuntimeError, match="generation broke"):
+            async for chunk in AsyncTextStream(chunks):
+                seen.append(chunk)
+        stream = AsyncTextStream(lambda: iter(["x", "y"]))
+        assert await stream.text() == "xy"
+        with pytest.raises(RuntimeError, match="iterated once"):
+            stream.__aiter__()
+        return seen
+
+    assert asyncio.run(main()) == ["a", "b"]

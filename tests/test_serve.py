@@ -401,6 +401,25 @@ def test_two_hundred_concurrent_http_requests_of_two_tenants(served):
     assert registry.get_sample_value("guardrail_batch_size_count") - batches_before < 200
 
 
+def test_many_concurrent_streams_each_join_to_their_own_answer(served):
+    """24 streams of two tenants in flight together (more than the event loop's default executor
+    has threads): each joins to its own serial answer and ends with its own tenant's verdict."""
+    cases = [(PROMPTS[i % 5], ("alpha", "beta")[i % 2]) for i in range(24)]
+    expected = {case: served.guard.generate(Request(case[0], tenant=case[1], max_new_tokens=6)).text for case in set(cases)}
+
+    def one(case):
+        stream = client(served.url, case[1]).chat.completions.create(
+            model="tiny", messages=user(case[0]), max_tokens=6, stream=True)
+        chunks = list(stream)
+        verdicts = [ch.guardrail for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+        return case, "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices), verdicts
+
+    with concurrent.futures.ThreadPoolExecutor(24) as pool:
+        for case, text, verdicts in pool.map(one, cases):
+            assert text == expected[case]
+            assert [v["tenant"] for v in verdicts] == [case[1]]
+
+
 def test_parse_chat_rejects_what_it_cannot_honour():
     with pytest.raises(BadRequest, match="must be a JSON object"):
         parse_chat([])
