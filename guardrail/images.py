@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import stat
 import warnings
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,21 @@ from guardrail.errors import InputError
 from guardrail.types import DecodedImage
 
 ALLOWED_FORMATS = {"PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF"}
+
+
+def _read_file(path: Path, max_bytes: int, label: str) -> bytes:
+    """The file's bytes, refusing before opening it a device or pipe (/dev/zero never ends, a
+    FIFO blocks the open) and a file over the byte limit (it would be read whole first)."""
+    try:
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            raise InputError(f"{label}: {path} is not a regular file")
+        if info.st_size > max_bytes:
+            raise InputError(f"{label}: {info.st_size} bytes exceeds the limit of {max_bytes}")
+        with open(path, "rb") as fh:
+            return fh.read(max_bytes + 1)  # the file may have grown since; the caller checks the size
+    except OSError as exc:
+        raise InputError(f"{label}: cannot read {path}: {exc.strerror or exc}") from None
 
 
 def decode_image(source: Any, max_pixels: int, max_bytes: int, index: int = 0) -> DecodedImage:
@@ -29,11 +46,7 @@ def decode_image(source: Any, max_pixels: int, max_bytes: int, index: int = 0) -
         digest = hashlib.sha256(rgb.tobytes() + f"{rgb.size}".encode()).hexdigest()
         return DecodedImage(rgb, digest)
     if isinstance(source, (str, Path)):
-        path = Path(source)
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise InputError(f"{label}: cannot read {path}: {exc.strerror or exc}") from None
+        data = _read_file(Path(source), max_bytes, label)
     elif isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
     else:
