@@ -220,6 +220,7 @@ class Guardrail:
         for index, req in enumerate(requests):
             t0 = time.perf_counter()
             try:
+                _check_fields(req)
                 tenant, policy = policy_set.resolve(req.tenant)
                 ctx = RequestContext(request=req, tenant=tenant, policy=policy, runtime=runtimes[policy.name])
                 self._validate(ctx)
@@ -232,8 +233,6 @@ class Guardrail:
 
     def _validate(self, ctx: RequestContext) -> None:
         req, limits = ctx.request, ctx.policy.limits
-        if not isinstance(req.text, str):
-            raise InputError(f"prompt must be a string, got {type(req.text).__name__}")
         if not req.text.strip():
             raise InputError("empty prompt")
         if len(req.images) > limits.max_images:
@@ -619,6 +618,35 @@ class Guardrail:
     def _audit_event(self, record: dict[str, Any]) -> None:
         """Audit a non-request event (a policy reload). A failing sink raises to the caller."""
         self._write_audit(record)
+
+
+def _check_fields(req: Request) -> None:
+    """The request's fields have the types the stages assume. A wrong one (from a caller, or a
+    JSON body passed through) is an InputError naming it, not a TypeError from deep inside a stage,
+    the tokenizer or the audit hash; a truthy string must not switch `unguarded` on."""
+
+    def text(value: Any, name: str) -> None:
+        if not isinstance(value, str):
+            raise InputError(f"{name} must be a string, got {type(value).__name__}")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InputError(f"{name} is not valid Unicode: {exc.reason} at position {exc.start}") from None
+
+    def number(value: Any, name: str, types: tuple[type, ...]) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, types)):
+            raise InputError(f"{name} must be a {'whole ' if types == (int,) else ''}number, got {type(value).__name__}")
+
+    text(req.text, "prompt")
+    if req.tenant is not None:
+        text(req.tenant, "tenant")
+    text(req.request_id, "request_id")
+    if not isinstance(req.images, (tuple, list)):
+        raise InputError(f"images must be a list of images, got {type(req.images).__name__}")
+    number(req.max_new_tokens, "max_new_tokens", (int,))
+    number(req.force_strength, "force_strength", (int, float))
+    if not isinstance(req.unguarded, bool):
+        raise InputError(f"unguarded must be true or false, got {type(req.unguarded).__name__}")
 
 
 def _fallback_reformulation(ctx: RequestContext, supports_images: bool) -> Reformulation:
