@@ -129,6 +129,8 @@ async def read_json(request: HTTPRequest, limit: int) -> Any:
         return json.loads(b"".join(parts))
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:  # "[[[[..." nested deeper than the parser's stack: a hostile body, not a bug
+        raise BadRequest("the request body is not valid JSON: nested too deeply") from None
 
 
 async def fetch_images(images: tuple[bytes | RemoteImage, ...], config: ServeConfig) -> tuple[bytes, ...]:
