@@ -431,3 +431,56 @@ def test_parse_chat_rejects_what_it_cannot_honour():
     parsed = parse_chat({"messages": user("hi"), "max_completion_tokens": 3, "temperature": 0.7, "seed": 1,
                          "stream": True, "stream_options": {"include_usage": True}})
     assert (parsed.max_new_tokens, parsed.stream, parsed.include_usage) == (3, True, True)
+
+
+# ----- the command ---------------------------------------------------------------------------------
+def test_guardrail_serve_command_serves_reloads_on_sighup_and_stops_on_sigterm(art_root, tmp_path):
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from conftest import tiny_artifacts
+
+    folder = write_policies(tmp_path / "policies")
+    token_file = tmp_path / "admin-token"
+    token_file.write_text(ADMIN + "\n")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    audit = tmp_path / "audit.jsonl"
+    command = [sys.executable, "-m", "guardrail.cli", "serve", "--model", "tiny-random:llama",
+               "--artifacts", str(tiny_artifacts("llama", art_root)), "--policies", str(folder),
+               "--port", str(port), "--audit-log", str(audit), "--admin-token-file", str(token_file),
+               "--log-level", "warning"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        health = None
+        for _ in range(600):
+            try:
+                health = httpx.get(f"{url}/healthz", timeout=2).json()
+                break
+            except httpx.HTTPError:
+                assert process.poll() is None, process.stdout.read()
+                time.sleep(0.2)
+        assert health and health["policies"] == ["one", "zero"]
+        answer = client(url, key="key-beta").chat.completions.create(model="tiny", messages=user("hi"), max_tokens=3)
+        assert answer.guardrail["tenant"] == "beta" and answer.guardrail["strength"] == 1.0
+        (folder / "one.yaml").write_text((folder / "one.yaml").read_text().replace("strength: 1.0", "strength: 0.25"))
+        process.send_signal(signal.SIGHUP)
+        for _ in range(300):
+            if httpx.get(f"{url}/healthz").json()["policy_set_hash"] != health["policy_set_hash"]:
+                break
+            time.sleep(0.1)
+        again = client(url, "beta").chat.completions.create(model="tiny", messages=user("hi"), max_tokens=3)
+        assert again.guardrail["strength"] == 0.25
+        reload = httpx.post(f"{url}/v1/guardrail/admin/reload", headers={"Authorization": f"Bearer {ADMIN}"})
+        assert reload.status_code == 200
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=60)[0]
+    assert process.returncode == 0, output
+    records = request_records(audit)
+    assert records[answer.guardrail["request_id"]]["strength"] == 1.0
+    assert records[again.guardrail["request_id"]]["strength"] == 0.25

@@ -41,13 +41,29 @@ def install_sighup(state: ServerState, done: Callable[[dict[str, Any]], None] | 
     return signal.signal(signal.SIGHUP, handler)
 
 
+class _Terminated(Exception):
+    pass
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise _Terminated()
+
+
 def run(app: Starlette, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    """Serve until SIGINT/SIGTERM (handled by uvicorn); SIGHUP reloads the policies."""
-    previous = install_sighup(app.state.guardrail)
+    """Serve until SIGINT or SIGTERM; SIGHUP reloads the policies.
+
+    uvicorn shuts down gracefully on SIGTERM, then re-raises the signal to the handler that was in
+    place before it; with the default handler that would kill the process before the caller could
+    close the guard (and its audit sinks). Ours turns it into a normal return instead."""
+    previous_hup = install_sighup(app.state.guardrail)
+    previous_term = signal.signal(signal.SIGTERM, _terminated)
     try:
         uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on")).run()
+    except _Terminated:
+        pass
     finally:
-        signal.signal(signal.SIGHUP, previous)
+        signal.signal(signal.SIGHUP, previous_hup)
+        signal.signal(signal.SIGTERM, previous_term)
 
 
 class ServerThread:
