@@ -125,6 +125,10 @@ class MicroBatcher:
     def waiting(self) -> int:
         return self._queue.qsize()
 
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
     def close(self, timeout: float | None = 10.0) -> None:
         """Stop accepting requests, finish those already queued, and stop the worker."""
         if self._closed.is_set():

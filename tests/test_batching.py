@@ -214,7 +214,10 @@ def test_close_finishes_what_is_queued_and_refuses_new_requests():
     queued = batcher.submit(Request("queued"))
     closer = threading.Thread(target=batcher.close)
     closer.start()
-    time.sleep(0.05)
+    for _ in range(1000):
+        if batcher.closed:
+            break
+        time.sleep(0.01)
     with pytest.raises(OverloadedError, match="shut down"):
         batcher.submit(Request("too late"))
     gate.set()
