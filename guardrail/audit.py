@@ -7,7 +7,8 @@ be matched to content the app kept.
 
 `JsonlWriter` writes each record as one `write()` of one whole line under a lock, so records from
 concurrent threads never interleave; it can fsync every record and rotate by size (rotation happens
-between records, never inside one). A failed write raises `AuditError`: it is never swallowed.
+between records, never inside one). A failed write raises `AuditError`: it is never swallowed, and
+whatever part of the record reached the file is cut off again.
 """
 
 from __future__ import annotations
@@ -44,11 +45,12 @@ class JsonlWriter:
         self.backups = max(1, backups)
         self._lock = threading.Lock()
         self._fh: Any = None
+        self._torn = False  # a failed write left part of a line that could not be removed
 
     def _open(self) -> Any:
         if self._fh is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fh = open(self.path, "a", encoding="utf-8")
+            self._fh = open(self.path, "ab")
         return self._fh
 
     def _rotate(self) -> None:
@@ -64,27 +66,43 @@ class JsonlWriter:
 
     def msg(self, message: str) -> None:
         """Write one already-rendered JSON line (structlog's logger interface)."""
-        line = message.rstrip("\n") + "\n"
-        data = line.encode("utf-8")
         with self._lock:
+            start = None
             try:
+                data = (message.rstrip("\n") + "\n").encode("utf-8")
                 fh = self._open()
                 if self.max_bytes is not None and fh.tell() > 0 and fh.tell() + len(data) > self.max_bytes:
                     self._rotate()
                     fh = self._open()
-                fh.write(line)
+                    self._torn = False
+                if self._torn:
+                    data = b"\n" + data  # end the partial line a failed write left behind
+                start = fh.tell()
+                fh.write(data)
                 fh.flush()
                 if self.fsync:
                     os.fsync(fh.fileno())
+                self._torn = False
             except (OSError, ValueError) as exc:
-                # Drop the handle so the next write starts clean, and tell the caller.
-                try:
-                    if self._fh is not None:
-                        self._fh.close()
-                except OSError:
-                    pass
-                self._fh = None
+                self._undo(start)
                 raise AuditError(f"audit write to {self.path} failed: {exc}") from exc
+
+    def _undo(self, start: int | None) -> None:
+        """After a failed write: drop the handle (the next write starts clean) and cut off what
+        part of the record reached the file (a full disk accepts part of a write), so the log
+        never holds half a record glued to the next one."""
+        try:
+            if self._fh is not None:
+                self._fh.close()  # may flush a little more of the record; cut below
+        except OSError:
+            pass
+        self._fh = None
+        if start is None:
+            return
+        try:
+            os.truncate(self.path, start)
+        except OSError:
+            self._torn = True
 
     # structlog calls the method named after the level; every level writes the same way.
     info = warning = error = critical = debug = log = msg
