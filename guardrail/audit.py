@@ -36,13 +36,18 @@ def sha256_text(text: str) -> str:
 
 
 class JsonlWriter:
-    """Appends JSON lines to a file; thread-safe, optionally fsynced and size-rotated."""
+    """Appends JSON lines to a file; thread-safe, optionally fsynced and size-rotated.
 
-    def __init__(self, path: str | Path, fsync: bool = False, max_bytes: int | None = None, backups: int = 5):
+    Rotation renames `audit.jsonl` to `audit.jsonl.1` (older files move up one number) before a
+    record that would take the file past `max_bytes`; records are never split across files. Every
+    rotated file is kept unless `backups` is given, in which case only the newest `backups` are.
+    """
+
+    def __init__(self, path: str | Path, fsync: bool = False, max_bytes: int | None = None, backups: int | None = None):
         self.path = Path(path)
         self.fsync = fsync
         self.max_bytes = max_bytes
-        self.backups = max(1, backups)
+        self.backups = None if backups is None else max(1, backups)
         self._lock = threading.Lock()
         self._fh: Any = None
         self._torn = False  # a failed write left part of a line that could not be removed
@@ -53,16 +58,24 @@ class JsonlWriter:
             self._fh = open(self.path, "ab")
         return self._fh
 
+    def _rotated(self, i: int) -> Path:
+        return self.path.with_name(f"{self.path.name}.{i}")
+
     def _rotate(self) -> None:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
-        for i in range(self.backups - 1, 0, -1):
-            older = self.path.with_name(f"{self.path.name}.{i}")
-            if older.exists():
-                os.replace(older, self.path.with_name(f"{self.path.name}.{i + 1}"))
+        if self.backups is not None:
+            last = self.backups
+        else:
+            last = 1
+            while self._rotated(last).exists():
+                last += 1
+        for i in range(last - 1, 0, -1):
+            if self._rotated(i).exists():
+                os.replace(self._rotated(i), self._rotated(i + 1))
         if self.path.exists():
-            os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+            os.replace(self.path, self._rotated(1))
 
     def msg(self, message: str) -> None:
         """Write one already-rendered JSON line (structlog's logger interface)."""

@@ -2,6 +2,8 @@
 
     Guardrail(..., audit_log="audit.jsonl")     # or
     plugins.create("audit_sinks", "jsonl", {"path": "audit.jsonl", "fsync": True, "max_bytes": 10_000_000})
+
+Rotated files are all kept unless `backups` says how many to keep (see guardrail.audit.JsonlWriter).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from guardrail.audit import JsonlWriter, structlog_writer
 
 
 class JsonlAuditSink:
-    def __init__(self, path: str, fsync: bool = False, max_bytes: int | None = None, backups: int = 5):
+    def __init__(self, path: str, fsync: bool = False, max_bytes: int | None = None, backups: int | None = None):
         self.writer = JsonlWriter(path, fsync=fsync, max_bytes=max_bytes, backups=backups)
         self.log = structlog_writer(self.writer)
 
