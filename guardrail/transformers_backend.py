@@ -5,6 +5,11 @@ goes through `model.generate`, so each family's own input preparation (multimoda
 caches) is used unchanged. Steering is added as a logits processor (prototype interpolation on an
 affine head), a final-norm hook (prototype interpolation on a soft-capped head) or decoder-layer
 hooks (additive steering); with no row steered, none of them is installed.
+
+Inside a `prefix_scope()` (the pipeline opens one per batch) the caption, risk and answer passes of
+a request reuse one KV cache of their common image prefix (see `guardrail.prefix_cache`): the
+vision encoder and the prefix run once per request, and the token ids stay those of the unshared
+path. Outside a scope, and for families that cannot share soundly, every pass runs in full.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from guardrail.artifacts import Artifacts
 from guardrail.backend import RiskPass, TokenCallback
 from guardrail.errors import ArtifactError, ModelError
 from guardrail.models.base import ModelAdapter
+from guardrail.prefix_cache import PrefixStore, SharedBatch, sharing_supported
+from guardrail.prefix_sharing import PrefixSharing
 from guardrail.steering import (
     ForcedTokensProcessor,
     PrototypeLogitsProcessor,
@@ -76,6 +83,36 @@ class TransformersBackend:
         # call, so an unpadded call (count_tokens, from a request thread) racing a padded batch
         # encode makes the batch fail to tensorize. Tokenizer calls take this short lock.
         self.tokenizer_lock = threading.Lock()
+        # Image-prefix KV caches of the open pipeline batches (empty, and unused, outside them).
+        self.sharing = PrefixSharing(adapter, self._encode, self.tokenizer_lock, batch_size)
+
+    def prefix_scope(self) -> contextlib.AbstractContextManager:
+        """Keep image-prefix KV caches for reuse until the scope (a pipeline batch) closes."""
+        return self.sharing.store.session()
+
+    @property
+    def prefixes(self) -> PrefixStore:
+        """The store, with `hits`/`misses` counters for metrics."""
+        return self.sharing.store
+
+    @property
+    def share_prefixes(self) -> bool:
+        return self.sharing.supported
+
+    @share_prefixes.setter
+    def share_prefixes(self, value: bool) -> None:
+        self.sharing.supported = bool(value) and sharing_supported(self.adapter)
+
+    def _inputs(self, rows: Sequence[ChatRow], eligible: Sequence[bool] | None = None) -> tuple[dict[str, Any], SharedBatch | None]:
+        """Generate inputs for a chunk: continuing from shared image prefixes where possible
+        (`guardrail.prefix_sharing`), else the plain encoded batch."""
+        shared = self.sharing.fast(rows, eligible)
+        if shared is None:
+            batch = self._encode(rows)
+            shared = self.sharing.full(rows, batch, eligible)
+            if shared is None:
+                return batch, None
+        return shared.generate_kwargs(self.adapter.model.config), shared
 
     # ----- small helpers -------------------------------------------------------------------------
     def fingerprint(self) -> dict[str, Any]:
@@ -143,22 +180,24 @@ class TransformersBackend:
         states = {l: torch.zeros(n, self.adapter.hidden_size) for l in layer_list}
         with self.lock:
             for idx in self._chunks(rows):
-                batch = self._encode([rows[i] for i in idx])
-                prompt_len = batch["input_ids"].shape[1]
+                inputs, shared = self._inputs([rows[i] for i in idx])
+                prompt_len = inputs["input_ids"].shape[1]
                 with capture_states({l: decoder[l] for l in layer_list}, calls=1) as cap:
                     if steps:
                         # min_new_tokens keeps all N steps even if EOS is the argmax; the recorded
                         # logits are the raw ones, taken before that processor.
                         out = self.adapter.model.generate(
-                            **batch,
+                            **inputs,
                             generation_config=self._config(
                                 steps, min_new_tokens=steps, output_logits=True, return_dict_in_generate=True
                             ),
                         )
                         logits[idx] = torch.stack([z.float().cpu() for z in out.logits], dim=1)
                         tokens[idx] = out.sequences[:, prompt_len:].cpu()
+                    elif shared:
+                        self.adapter.model(**shared.forward_kwargs(self.adapter.model.config), logits_to_keep=1)
                     else:
-                        self.adapter.model(**batch, use_cache=False)
+                        self.adapter.model(**inputs, use_cache=False)
                 for l in layer_list:
                     states[l][idx] = cap.states[l][0]
         return RiskPass(step_logits=logits, states=states, tokens=tokens)
@@ -204,13 +243,17 @@ class TransformersBackend:
         results: list[Generation | None] = [None] * len(rows)
         with self.lock:
             for idx in self._chunks(rows):
-                batch = self._encode([rows[i] for i in idx])
-                prompt_len = batch["input_ids"].shape[1]
-                processors, hooks = self._steering([plans[i] for i in idx], prompt_len)
+                chunk_plans = [plans[i] for i in idx]
+                # Additive steering changes the prompt's KV too: a chunk with such an image row runs unshared.
+                additive = additive_rows(chunk_plans)
+                eligible = [not any(c[b] for c in additive.values()) for b in range(len(idx))]
+                inputs, _ = self._inputs([rows[i] for i in idx], eligible)  # before any hook is installed
+                prompt_len = inputs["input_ids"].shape[1]
+                processors, hooks = self._steering(chunk_plans, prompt_len)
                 streamer = _RowStreamer(on_tokens, idx, set(self.adapter.eos_token_ids())) if on_tokens else None
                 with hooks:
                     out = self.adapter.model.generate(
-                        **batch,
+                        **inputs,
                         generation_config=self._config(max_new_tokens),
                         logits_processor=LogitsProcessorList(processors),
                         streamer=streamer,
