@@ -11,6 +11,7 @@ tenant registry), so concurrent calls from threads are safe.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import threading
 import time
 from dataclasses import dataclass
@@ -150,10 +151,11 @@ class Guardrail:
         """Guarded answers for a batch. Bad input anywhere raises InputError before anything runs.
         `on_tokens(request_index, token_id)` receives response tokens as they are generated."""
         ctxs = self._start(requests)
-        self._reformulate(ctxs)
-        self._assess(ctxs)
-        self._decide(ctxs)
-        self._generate(ctxs, on_tokens)
+        with self._prefix_scope():
+            self._reformulate(ctxs)
+            self._assess(ctxs)
+            self._decide(ctxs)
+            self._generate(ctxs, on_tokens)
         return [self._finish(ctx) for ctx in ctxs]
 
     def assess(self, request: Request | str, **fields: Any) -> Result:
@@ -165,10 +167,17 @@ class Guardrail:
         ctxs = self._start(requests)
         for ctx in ctxs:
             ctx.assess_only = True
-        self._reformulate(ctxs)
-        self._assess(ctxs)
-        self._decide(ctxs)
+        with self._prefix_scope():
+            self._reformulate(ctxs)
+            self._assess(ctxs)
+            self._decide(ctxs)
         return [self._finish(ctx) for ctx in ctxs]
+
+    def _prefix_scope(self) -> Any:
+        """Lets the engine reuse one image-prefix KV cache across a batch's caption, risk and answer
+        passes (TransformersBackend.prefix_scope); engines without it run each pass in full."""
+        scope = getattr(self.engine, "prefix_scope", None)
+        return scope() if scope is not None else contextlib.nullcontext()
 
     def stream(self, request: Request | str, **fields: Any) -> "TextStream":
         """An iterator of text chunks; joined they equal `generate(request).text`. After the
