@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save_file
 
 from guardrail.errors import ArtifactError
 
@@ -109,7 +110,10 @@ def load_artifacts(directory: str | Path, fingerprint: dict[str, Any] | None = N
         raise ArtifactError(f"{sidecar}: unknown artifact format version {meta.get('format_version') if isinstance(meta, dict) else None!r}")
     if meta.get("sidecar_sha256") != _sidecar_digest(meta):
         raise ArtifactError(f"{sidecar} was modified after calibration (its sha256 does not match)")
-    actual = _sha256_file(tensor_file)
+    # Hash and load the same bytes: reading the file twice would load what was never verified if
+    # it were replaced in between.
+    data = tensor_file.read_bytes()
+    actual = hashlib.sha256(data).hexdigest()
     if actual != meta.get("tensors_sha256"):
         raise ArtifactError(
             f"{tensor_file} does not match its sidecar: sha256 {actual[:12]}… != recorded "
@@ -118,7 +122,7 @@ def load_artifacts(directory: str | Path, fingerprint: dict[str, Any] | None = N
     if fingerprint is not None:
         check_fingerprint(meta.get("fingerprint", {}), fingerprint, folder)
     try:
-        tensors = load_file(str(tensor_file))
+        tensors = load_tensors(data)
     except Exception as exc:  # safetensors raises its own error types
         raise ArtifactError(f"{tensor_file} cannot be read: {exc}") from exc
     for key, shape in meta.get("tensor_shapes", {}).items():
