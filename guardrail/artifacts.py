@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -110,6 +111,7 @@ def load_artifacts(directory: str | Path, fingerprint: dict[str, Any] | None = N
         raise ArtifactError(f"{sidecar}: unknown artifact format version {meta.get('format_version') if isinstance(meta, dict) else None!r}")
     if meta.get("sidecar_sha256") != _sidecar_digest(meta):
         raise ArtifactError(f"{sidecar} was modified after calibration (its sha256 does not match)")
+    check_structure(meta, sidecar)
     # Hash and load the same bytes: reading the file twice would load what was never verified if
     # it were replaced in between.
     data = tensor_file.read_bytes()
@@ -132,6 +134,37 @@ def load_artifacts(directory: str | Path, fingerprint: dict[str, Any] | None = N
     if fingerprint is not None:
         check_shapes(art, fingerprint)
     return art
+
+
+CALIBRATION_NUMBERS = ("s_base", "alpha", "s_ref", "gamma", "steps", "layer")
+INTEGER_NUMBERS = ("steps", "layer")
+
+
+def check_structure(meta: dict[str, Any], where: Path | str) -> None:
+    """The sidecar's fields have the types the loader and the assessors read. The self-hash only
+    shows the file is as written; a sidecar edited by hand and re-hashed must still fail here,
+    with its field named, instead of as a TypeError inside an assessor."""
+
+    def fail(field: str, what: str, value: Any) -> None:
+        raise ArtifactError(f"{where}: {field} must be {what}, got {value!r:.60}")
+
+    for field, kind, what in (("fingerprint", dict, "an object"), ("tensor_shapes", dict, "an object"),
+                              ("assessors", dict, "an object"), ("tensors_sha256", str, "a string")):
+        if field in meta and not isinstance(meta[field], kind):
+            fail(field, what, meta[field])
+    for key, shape in meta.get("tensor_shapes", {}).items():
+        if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
+            fail(f"tensor_shapes.{key}", "a list of sizes", shape)
+    for name, block in meta.get("assessors", {}).items():
+        if not isinstance(block, dict):
+            fail(f"assessors.{name}", "an object", block)
+        for field in CALIBRATION_NUMBERS:
+            if field not in block:
+                continue
+            value = block[field]
+            integer = field in INTEGER_NUMBERS
+            if type(value) not in ((int,) if integer else (int, float)) or not math.isfinite(value) or (integer and value < 0):
+                fail(f"assessors.{name}.{field}", "a whole number >= 0" if integer else "a finite number", value)
 
 
 def check_fingerprint(recorded: dict[str, Any], actual: dict[str, Any], where: Path | str) -> None:
