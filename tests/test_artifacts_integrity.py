@@ -1,0 +1,218 @@
+"""Artifacts refuse damage and mismatch with a message naming it: any flipped byte, truncation, a
+sidecar edited (even consistently re-hashed) into nonsense, another model's artifact, tensors of
+the wrong size. The loader raises ArtifactError or loads; nothing else."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fault_plugins import random_artifacts
+from guardrail.artifacts import SIDECAR, TENSORS, _sidecar_digest, load_artifacts, save_artifacts
+from guardrail.errors import ArtifactError
+
+FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture(scope="module")
+def adapter():
+    from guardrail.models import load_model
+
+    return load_model("tiny-random:llama")
+
+
+@pytest.fixture(scope="module")
+def good(adapter, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("good-art")
+    random_artifacts(adapter, folder)
+    return folder
+
+
+def copy(src: Path, root: Path, name: str) -> Path:
+    dst = root / name
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst)
+    return dst
+
+
+def resign(folder: Path, meta: dict) -> None:
+    """Write a sidecar whose self-hash matches its (edited) content, as a careless tool would."""
+    meta = dict(meta)
+    meta["sidecar_sha256"] = _sidecar_digest(meta)
+    (folder / SIDECAR).write_text(json.dumps(meta))
+
+
+@FUZZ
+@given(position=st.floats(0, 1, exclude_max=True), bit=st.integers(0, 7), which=st.sampled_from([TENSORS, SIDECAR]))
+def test_any_flipped_bit_is_refused(good, adapter, tmp_path, position, bit, which):
+    folder = copy(good, tmp_path, "flip")
+    data = bytearray((folder / which).read_bytes())
+    data[int(position * len(data))] ^= 1 << bit
+    (folder / which).write_bytes(bytes(data))
+    with pytest.raises(ArtifactError) as exc:
+        load_artifacts(folder, adapter.fingerprint())
+    message = str(exc.value)
+    if which == TENSORS:
+        assert "does not match its sidecar" in message and "tampered, truncated or replaced" in message
+    else:
+        assert SIDECAR in message
+
+
+@FUZZ
+@given(keep=st.floats(0, 1, exclude_max=True), which=st.sampled_from([TENSORS, SIDECAR]))
+def test_any_truncation_is_refused(good, adapter, tmp_path, keep, which):
+    folder = copy(good, tmp_path, "cut")
+    data = (folder / which).read_bytes()
+    (folder / which).write_bytes(data[: int(keep * len(data))])
+    with pytest.raises(ArtifactError):
+        load_artifacts(folder, adapter.fingerprint())
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 10**6) | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
+    max_leaves=5,
+)
+
+
+def _paths(value, prefix=()):
+    yield prefix
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _paths(v, prefix + (k,))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _paths(v, prefix + (i,))
+
+
+def _replace(value, path, new):
+    if not path:
+        return new
+    out = dict(value) if isinstance(value, dict) else list(value)
+    out[path[0]] = _replace(value[path[0]], path[1:], new)
+    return out
+
+
+@FUZZ
+@given(data=st.data())
+def test_a_consistently_rehashed_sidecar_with_any_edit_loads_or_is_refused(good, adapter, tmp_path, data):
+    """Someone edits a field of the sidecar and fixes up its self-hash. Whatever the edit, loading
+    (and then reading the calibration blocks, as the assessors do) raises ArtifactError or works."""
+    meta = json.loads((good / SIDECAR).read_text())
+    meta.pop("sidecar_sha256")
+    path = data.draw(st.sampled_from([p for p in _paths(meta) if p]))
+    edited = _replace(meta, path, data.draw(JSON_VALUES))
+    folder = copy(good, tmp_path, "edit")
+    resign(folder, edited)
+    try:
+        art = load_artifacts(folder, adapter.fingerprint())
+        art.assessor("prototype_similarity")
+    except ArtifactError as exc:
+        assert str(exc).strip()
+
+
+def test_tensors_loaded_are_the_bytes_that_were_hashed(good, adapter, tmp_path, monkeypatch):
+    """The tensor file is swapped for a tampered one right after its hash was taken: the loader
+    must not read the file a second time (it would load what it never checked)."""
+    import guardrail.artifacts as artifacts_module
+
+    folder = copy(good, tmp_path, "swap")
+    original = load_artifacts(folder).tensors["prototypes"].clone()
+    tampered = {k: v + 1.0 for k, v in load_artifacts(folder).tensors.items()}
+    swapped = tmp_path / "tampered.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(tampered, str(swapped))
+    real_sha256 = hashlib.sha256
+    recorded = json.loads((folder / SIDECAR).read_text())["tensors_sha256"]
+
+    class SwapAfterHashing:
+        def __init__(self, *args):
+            self.inner = real_sha256(*args)
+
+        def update(self, data):
+            self.inner.update(data)
+
+        def hexdigest(self):
+            digest = self.inner.hexdigest()
+            if digest == recorded:  # the tensor file was just verified: the attacker's moment
+                shutil.copyfile(swapped, folder / TENSORS)
+            return digest
+
+    monkeypatch.setattr(artifacts_module.hashlib, "sha256", SwapAfterHashing)
+    try:
+        art = load_artifacts(folder, adapter.fingerprint())
+    except ArtifactError:
+        return  # refusing is fine too
+    assert torch.equal(art.tensors["prototypes"], original)
+
+
+# ----- another model, wrong sizes --------------------------------------------------------------
+@pytest.mark.parametrize("key", ["architecture", "hidden_size", "num_layers", "vocab_size", "tokenizer_sha256", "weights_sha256"])
+def test_fingerprint_mismatch_names_the_field(good, adapter, key):
+    model = adapter.fingerprint()
+    other = {**model, key: (model[key] + 1) if isinstance(model[key], int) else f"{model[key]}-other"}
+    with pytest.raises(ArtifactError) as exc:
+        load_artifacts(good, other)
+    message = str(exc.value)
+    assert "calibrated for another model" in message
+    assert f"{key}: artifact {model[key]!r} vs model {other[key]!r}" in message
+
+
+def test_artifact_of_another_seed_is_refused_by_the_guard_at_startup(good, tmp_path):
+    from guardrail.pipeline import Guardrail
+
+    (tmp_path / "p.yaml").write_text((Path(__file__).resolve().parent.parent / "policies" / "default.yaml").read_text())
+    with pytest.raises(ArtifactError, match="calibrated for another model.*weights_sha256"):
+        Guardrail.from_model("tiny-random:llama:3", tmp_path / "p.yaml", artifacts=good)
+
+
+def _shapes(fp: dict) -> dict[str, tuple[int, ...]]:
+    d, vocab, layers = fp["hidden_size"], fp["vocab_size"], fp["num_layers"]
+    return {
+        "prototypes": (8, d), "prototype_logits": (8, vocab), "directions": (layers, d), "midpoints": (layers, d),
+        "probe.weight": (d,), "probe.bias": (1,), "probe.mean": (d,), "probe.scale": (d,),
+    }
+
+
+@pytest.mark.parametrize(
+    "key, dim",
+    [("prototypes", 1), ("prototype_logits", 1), ("directions", 0), ("directions", 1), ("midpoints", 1),
+     ("probe.weight", 0), ("probe.mean", 0), ("probe.scale", 0)],
+)
+def test_steering_tensors_of_the_wrong_size_are_refused(adapter, tmp_path, key, dim):
+    fp = adapter.fingerprint()
+    shapes = _shapes(fp)
+    wrong = list(shapes[key])
+    wrong[dim] += 3
+    tensors = {k: torch.zeros(*(wrong if k == key else s)) for k, s in shapes.items()}
+    save_artifacts(tmp_path, tensors, {"fingerprint": fp, "assessors": {}})
+    with pytest.raises(ArtifactError) as exc:
+        load_artifacts(tmp_path, fp)
+    assert f"artifact tensor {key!r} has shape {wrong}" in str(exc.value)
+
+
+def test_a_tensor_missing_from_the_file_is_refused(good, adapter, tmp_path):
+    """The sidecar lists a tensor the (consistently re-hashed) file does not have."""
+    folder = copy(good, tmp_path, "missing")
+    meta = json.loads((folder / SIDECAR).read_text())
+    meta["tensor_shapes"]["probe.weight"] = [adapter.fingerprint()["hidden_size"]]
+    resign(folder, meta)
+    with pytest.raises(ArtifactError, match="tensor 'probe.weight' does not have the recorded shape"):
+        load_artifacts(folder, adapter.fingerprint())
+
+
+def test_sidecar_that_is_not_json_or_not_utf8_is_refused(good, tmp_path):
+    for name, data in {"garbage": b"{not json", "binary": b"\xff\xfe\x00{}", "list": b"[1, 2]"}.items():
+        folder = copy(good, tmp_path, name)
+        (folder / SIDECAR).write_bytes(data)
+        with pytest.raises(ArtifactError, match=SIDECAR):
+            load_artifacts(folder)
