@@ -2,7 +2,8 @@
 
 Everything here acts per row of a batch and leaves rows with strength 0 bit-for-bit untouched (they
 are never even indexed). Hooks are installed by context managers that remove them on exit, also when
-generation raises.
+generation raises; the interpolation hooks also remove themselves after the last steered step, so
+the rest of a generation costs nothing per token.
 
 Response step n (1-based) is predicted by the n-th forward pass of a generation: the prefill's last
 position for n = 1, then one decode step each. We count forward passes, which holds for HF
@@ -26,33 +27,42 @@ def interpolate(z: torch.Tensor, target: torch.Tensor, s: torch.Tensor) -> torch
     return (1.0 - s) * z + s * target
 
 
-class PrototypeLogitsProcessor(LogitsProcessor):
-    """Logit interpolation toward the prototype logits P_n = lm_head(μ_n) at response steps 1..k.
+@contextlib.contextmanager
+def logit_interpolation(head: nn.Module, strengths: Sequence[float], tokens: Sequence[int], proto_logits: torch.Tensor) -> Iterator[None]:
+    """(1 − s)·z + s·P_n on the lm_head output at response steps 1..k, per row; rows with s = 0 are
+    never indexed. Exact equivalent of moving the final post-norm state to
+    (1 − s)·h + s·μ_n whenever the head is affine (affine maps keep convex combinations). The
+    hook removes itself after the last steered step, so the remaining decode steps run no guard
+    code at all (a logits processor is called, and its signature inspected by transformers, on
+    every step of the generation)."""
+    s_all = torch.tensor(list(strengths), dtype=torch.float32)
+    k_all = torch.tensor(list(tokens), dtype=torch.long)
+    last = int(k_all[s_all > 0].max().item()) if (s_all > 0).any() else 0
+    calls = [0]
+    handle = None
 
-    Exact equivalent of moving the final post-norm hidden state to (1 − s)·h + s·μ_n whenever the
-    head is affine (lm_head with or without bias), since affine maps preserve convex combinations.
-    """
-
-    def __init__(self, prompt_len: int, strengths: Sequence[float], tokens: Sequence[int], proto_logits: torch.Tensor):
-        self.prompt_len = prompt_len
-        self.proto_logits = proto_logits  # [K, V]
-        self.strengths = torch.tensor(list(strengths), dtype=torch.float32)
-        self.tokens = torch.tensor(list(tokens), dtype=torch.long)
-        self.last_step = int(self.tokens[self.strengths > 0].max().item()) if (self.strengths > 0).any() else 0
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        step = input_ids.shape[1] - self.prompt_len  # 0-based response step
-        if step >= self.last_step:
-            return scores
-        rows = ((self.strengths > 0) & (self.tokens > step)).nonzero().squeeze(1)
+    def hook(module: nn.Module, args: object, output: torch.Tensor) -> torch.Tensor:
+        step = calls[0]
+        calls[0] += 1
+        if step + 1 >= last and handle is not None:
+            handle.remove()  # nothing is steered after this forward
+        rows = ((s_all > 0) & (k_all > step)).nonzero().squeeze(1)
         if rows.numel() == 0:
-            return scores
-        rows = rows.to(scores.device)
-        s = self.strengths.to(scores.device)[rows].unsqueeze(1).to(scores.dtype)
-        target = self.proto_logits[step].to(device=scores.device, dtype=scores.dtype).unsqueeze(0)
-        scores = scores.clone()
-        scores[rows] = interpolate(scores[rows], target, s)
-        return scores
+            return output
+        rows = rows.to(output.device)
+        s = s_all.to(output.device)[rows].unsqueeze(1)
+        target = proto_logits[step].to(device=output.device, dtype=torch.float32).unsqueeze(0)
+        z = output.clone()
+        z[rows, -1, :] = interpolate(z[rows, -1, :].float(), target, s).to(z.dtype)
+        return z
+
+    if last > 0:
+        handle = head.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.remove()
 
 
 def _output_tensor(output: object) -> torch.Tensor:
@@ -73,11 +83,15 @@ def hidden_interpolation(norm: nn.Module, strengths: Sequence[float], tokens: Se
     would not be exact."""
     s_all = torch.tensor(list(strengths), dtype=torch.float32)
     k_all = torch.tensor(list(tokens), dtype=torch.long)
+    last = int(k_all[s_all > 0].max().item()) if (s_all > 0).any() else 0
     calls = [0]
+    handle = None
 
     def hook(module: nn.Module, args: object, output: object) -> object:
         step = calls[0]
         calls[0] += 1
+        if step + 1 >= last and handle is not None:
+            handle.remove()  # removes itself after the last steered step, like logit_interpolation
         rows = ((s_all > 0) & (k_all > step)).nonzero().squeeze(1)
         if rows.numel() == 0:
             return output
@@ -88,11 +102,12 @@ def hidden_interpolation(norm: nn.Module, strengths: Sequence[float], tokens: Se
         h[rows, -1, :] = interpolate(h[rows, -1, :], target, s)
         return _replace_output(output, h)
 
-    handle = norm.register_forward_hook(hook)
+    handle = norm.register_forward_hook(hook) if last > 0 else None
     try:
         yield
     finally:
-        handle.remove()
+        if handle is not None:
+            handle.remove()
 
 
 @contextlib.contextmanager

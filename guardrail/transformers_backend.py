@@ -2,9 +2,10 @@
 
 All generation is greedy (the method's risk pass and steering are defined for greedy decoding) and
 goes through `model.generate`, so each family's own input preparation (multimodal rope positions,
-caches) is used unchanged. Steering is added as a logits processor (prototype interpolation on an
+caches) is used unchanged. Steering is added as an lm_head hook (prototype interpolation on an
 affine head), a final-norm hook (prototype interpolation on a soft-capped head) or decoder-layer
-hooks (additive steering); with no row steered, none of them is installed.
+hooks (additive steering); with no row steered, none of them is installed, and the interpolation
+hooks remove themselves after the last steered step, so later decode steps run no guard code.
 
 Inside a `prefix_scope()` (the pipeline opens one per batch) the caption, risk and answer passes of
 a request reuse one KV cache of their common image prefix (see `guardrail.prefix_cache`): the
@@ -30,12 +31,12 @@ from guardrail.prefix_cache import PrefixStore, SharedBatch, sharing_supported
 from guardrail.prefix_sharing import PrefixSharing
 from guardrail.steering import (
     ForcedTokensProcessor,
-    PrototypeLogitsProcessor,
     additive_rows,
     additive_steering,
     capture_states,
     hidden_interpolation,
     interpolation_rows,
+    logit_interpolation,
 )
 from guardrail.types import ChatRow, Generation, SteeringPlan
 
@@ -215,7 +216,7 @@ class TransformersBackend:
                     f"{art.prototypes.shape[0]} steps; recalibrate with more --steer-steps"
                 )
             if self.adapter.logits_are_affine:
-                processors.append(PrototypeLogitsProcessor(prompt_len, strengths, tokens, art.prototype_logits))
+                stack.enter_context(logit_interpolation(self.adapter.lm_head(), strengths, tokens, art.prototype_logits))
             else:
                 stack.enter_context(hidden_interpolation(self.adapter.final_norm(), strengths, tokens, art.prototypes))
         coefficients = additive_rows(plans)
