@@ -10,7 +10,7 @@ from typing import Sequence
 
 from guardrail.errors import GuardrailError
 
-COMMANDS = ["plugins", "policy", "generate", "calibrate", "serve"]
+COMMANDS = ["plugins", "policy", "generate", "calibrate", "serve", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:

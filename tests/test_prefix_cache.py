@@ -4,10 +4,13 @@ once per image prefix, not once per pass."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
-from conftest import png_bytes, red_image, tiny_adapter, tiny_artifacts
+from conftest import png_bytes, red_image, tiny_artifacts
+from conftest import tiny_adapter as cpu_adapter
 from guardrail.artifacts import Artifacts, load_artifacts
 from guardrail.prefix_cache import SHARING_FAMILIES, PrefixEntry, PrefixStore, sharing_supported
 from guardrail.prompts import CAPTION_PROMPT, risk_query
@@ -15,6 +18,19 @@ from guardrail.transformers_backend import TransformersBackend
 from guardrail.types import ChatRow, SteeringPlan
 
 LAYERS = [1, 2]
+# The same checks on a GPU: GUARDRAIL_TEST_DEVICE=cuda (the benchmark's device script sets it).
+DEVICE = os.environ.get("GUARDRAIL_TEST_DEVICE", "cpu")
+_ON_DEVICE: dict[str, object] = {}
+
+
+def tiny_adapter(family: str):
+    if DEVICE == "cpu":
+        return cpu_adapter(family)
+    if family not in _ON_DEVICE:
+        from guardrail.models import load_model
+
+        _ON_DEVICE[family] = load_model(f"tiny-random:{family}", device=DEVICE)
+    return _ON_DEVICE[family]
 
 
 def mechanics_artifacts(adapter, seed: int = 0) -> Artifacts:
@@ -102,6 +118,7 @@ def test_realistic_llava_576_image_tokens():
     from guardrail.models.tiny_vlm import build
 
     adapter = adapter_for(*build("llava", image_tokens=576), name="tiny-llava-576")
+    adapter.model.to(DEVICE)
     backend = TransformersBackend(adapter)
     img = red_image((400, 300), "purple")
     answer = [ChatRow("Describe the picture in detail.", (img,))]
