@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -78,7 +78,7 @@ class BenchConfig:
     device: str | None = None
     artifacts: Path | None = None  # reuse a calibration; else a small one is made (not timed)
     rss: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
+    profile: Path | None = None
 
 
 # ----- model and guard -----------------------------------------------------------------------------
@@ -284,22 +284,54 @@ def _rss_now_mb() -> float:
         return float("nan")
 
 
+def _reset_peak_rss() -> bool:
+    """Linux: restart the kernel's peak-RSS count (VmHWM) at the current RSS, so the peak we read
+    is the workload's, not model loading's (whose transient copies dominate ru_maxrss)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _vm_hwm_mb() -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def rss_child(variant: str, cfg: BenchConfig, artifacts: Path, policies: Path) -> dict[str, float]:
-    """Run one variant's workload (single request, then the batch, twice) in this fresh process."""
+    """Run one variant's workload (single request, then the batch, twice) in this fresh process.
+    The peak is taken over the workload only (loading the model peaks higher, the same for both);
+    everything already resident then (model, guard, artifacts) counts toward it."""
     adapter = load_adapter(cfg)
-    loaded = _rss_now_mb()
+    load_peak = _peak_rss_mb()
     if variant == "plain":
         plain = PlainWork(adapter, cfg)
         steps = [plain.plain, plain.plain_batch]
     else:
         work = Workloads(adapter, cfg, artifacts, policies)
         steps = [work.guarded_uncached, work.guarded_batch]
+    ready = _rss_now_mb()
+    reset = _reset_peak_rss()
     if torch.cuda.is_available() and adapter.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for _ in range(2):
         for step in steps:
             step()
-    out = {"peak_rss_mb": _peak_rss_mb(), "rss_after_load_mb": loaded}
+    hwm = _vm_hwm_mb() if reset else None
+    out = {
+        "peak_rss_mb": hwm if hwm is not None else _peak_rss_mb(),
+        "peak_source": "VmHWM after reset" if hwm is not None else "ru_maxrss (includes loading)",
+        "rss_before_workload_mb": ready,
+        "load_peak_rss_mb": load_peak,
+    }
     if torch.cuda.is_available() and adapter.device.type == "cuda":
         out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / (1024 * 1024)
     return out
@@ -319,6 +351,29 @@ def measure_rss(cfg: BenchConfig, artifacts: Path, policies: Path) -> dict[str, 
             raise RuntimeError(f"RSS subprocess for {variant} failed:\n{proc.stderr[-2000:]}")
         results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
     return results
+
+
+def write_profiles(work: "Workloads", folder: Path) -> dict[str, str]:
+    """cProfile summaries (cumulative, top 45) of one call of each single-request variant."""
+    import cProfile
+    import pstats
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    variants = {"plain": work.plain, "guarded_cached": work.guarded_cached}
+    if work.vision:
+        variants["guarded_uncached"] = work.guarded_uncached
+    for name, fn in variants.items():
+        fn()
+        prof = cProfile.Profile()
+        prof.enable()
+        fn()
+        prof.disable()
+        path = folder / f"profile-{name}.txt"
+        with open(path, "w", encoding="utf-8") as f:
+            pstats.Stats(prof, stream=f).sort_stats("cumulative").print_stats(45)
+        out[name] = str(path)
+    return out
 
 
 # ----- the run -------------------------------------------------------------------------------------
@@ -408,12 +463,15 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
         rss = measure_rss(cfg, artifacts, policies)
         report["rss_mb"] = rss
         report["rss_ratio"] = rss["guarded"]["peak_rss_mb"] / rss["plain"]["peak_rss_mb"]
-        grown = {k: v["peak_rss_mb"] - v["rss_after_load_mb"] for k, v in rss.items()}
+        grown = {k: v["peak_rss_mb"] - v["rss_before_workload_mb"] for k, v in rss.items()}
         report["rss_growth_mb"] = grown
         if "cuda_peak_mb" in rss["plain"]:
             report["cuda_peak_ratio"] = rss["guarded"]["cuda_peak_mb"] / rss["plain"]["cuda_peak_mb"]
     else:
         report["rss_ratio"] = None
+    if cfg.profile is not None:
+        log(f"cProfile of one plain and one guarded request -> {cfg.profile}")
+        report["profiles"] = write_profiles(work, cfg.profile)
     report["machine"]["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     report["wall_s"] = time.perf_counter() - t_start
     work.cached.close()
@@ -455,8 +513,9 @@ def table(report: dict[str, Any]) -> str:
     if "rss_mb" in report:
         r = report["rss_mb"]
         lines.append(
-            f"peak RSS (MB): plain {r['plain']['peak_rss_mb']:.0f} (+{report['rss_growth_mb']['plain']:.0f} after load), "
-            f"guarded {r['guarded']['peak_rss_mb']:.0f} (+{report['rss_growth_mb']['guarded']:.0f} after load)"
+            f"peak RSS during the workload (MB): plain {r['plain']['peak_rss_mb']:.0f} "
+            f"(+{report['rss_growth_mb']['plain']:.0f} over its start), guarded {r['guarded']['peak_rss_mb']:.0f} "
+            f"(+{report['rss_growth_mb']['guarded']:.0f})"
         )
     lines.append("guarded stage ms: " + ", ".join(f"{k} {v:.1f}" for k, v in report["stage_ms"].items()))
     return "\n".join(lines)
@@ -488,6 +547,7 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--artifacts", type=Path, help="a calibration to reuse (default: a small one is made)")
     p.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
+    p.add_argument("--profile", type=Path, help="also write cProfile summaries of one plain and one guarded request here")
 
 
 def config_from(args: Any) -> BenchConfig:
@@ -496,6 +556,7 @@ def config_from(args: Any) -> BenchConfig:
     return BenchConfig(
         model=args.model, image_tokens=args.image_tokens, answer_tokens=args.answer_tokens, rounds=args.rounds,
         batch=args.batch, device=args.device, artifacts=args.artifacts, rss=not args.no_rss,
+        profile=getattr(args, "profile", None),
     )
 
 

@@ -43,6 +43,7 @@ class PrefixSharing:
         self.span_ids = image_span_ids(adapter) if self.supported else frozenset()
         self.mrope = adapter.family in MROPE_FAMILIES
         self.marker = self._placeholder_marker() if self.supported else None
+        self._marker_len: int | None = None  # tokens of the marker itself, counted on first use
         self.fast_chunks = 0  # chunks laid out without the processor (for tests and metrics)
 
     @property
@@ -211,9 +212,10 @@ class PrefixSharing:
         string (tokenizers that mark a string's first word would otherwise differ)."""
         tok = self.adapter.tokenizer
         with self.tokenizer_lock:
+            if self._marker_len is None:
+                self._marker_len = len(tok(self.marker, add_special_tokens=False)["input_ids"])
             both = tok(self.marker + tail, add_special_tokens=False)["input_ids"]
-            head = tok(self.marker, add_special_tokens=False)["input_ids"]
-        return torch.tensor(both[len(head) :], dtype=torch.long)
+        return torch.tensor(both[self._marker_len :], dtype=torch.long)
 
     def _text_key(self, row: ChatRow, head: str) -> tuple:
         return (head, tuple(self.store.image_hash(img) for img in row.images))
