@@ -405,8 +405,17 @@ def machine() -> dict[str, Any]:
 
 
 def run(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    t_start = time.perf_counter()
+    import shutil
+
     workdir = Path(tempfile.mkdtemp(prefix="guardrail-bench-"))
+    try:
+        return _run(cfg, workdir, log)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _run(cfg: BenchConfig, workdir: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    t_start = time.perf_counter()
     log(f"loading {cfg.model} ...")
     adapter = load_adapter(cfg)
     artifacts = ensure_artifacts(adapter, cfg, workdir)
