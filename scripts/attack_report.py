@@ -191,7 +191,8 @@ def report(args: argparse.Namespace, items: tuple, harmful: tuple, harmless: tup
         f"`{meta['commit']}`, in {seconds:.0f} s on this machine's CPU.",
         "",
         f"Model `{args.model}` (text-only: images are read by the `ocr` captioner into the visual context); "
-        f"artifacts `{meta['artifacts']}` (calibrated {meta['created']}, prototypes `{meta['method']}`). "
+        f"artifacts from `guardrail calibrate --model {args.model}` (calibrated {meta['created']} on {meta['calibration']}; "
+        f"prototypes `{meta['method']}`). "
         f"Policies from `policies/`: **default** (risk = max of `linear_probe` and `mean_difference`; "
         f"steers above {meta['default_threshold']}) and **paper** (`prototype_similarity`, strength = risk).",
         "",
@@ -261,7 +262,12 @@ def artifact_meta(folder: Path) -> dict:
         commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
-    return {"created": meta.get("created", "?"), "method": meta.get("method", "?"), "commit": commit}
+    data = meta.get("data", {}) if isinstance(meta.get("data"), dict) else {}
+    calibration = (
+        f"{data.get('harmful', '?')} harmful / {data.get('benign', '?')} benign prompts, sha256 "
+        f"{str(data.get('harmful_sha256', '?'))[:12]} / {str(data.get('benign_sha256', '?'))[:12]}"
+    )
+    return {"created": meta.get("created", "?"), "method": meta.get("method", "?"), "commit": commit, "calibration": calibration}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -276,7 +282,6 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     meta = artifact_meta(args.artifacts)
-    meta["artifacts"] = args.artifacts.name
     default = load_policy(REPO / "policies" / "default.yaml")
     meta["default_threshold"] = next((b.upto for b in default.bands if b.strength_for(b.upto) == 0.0), 0.0)
     with tempfile.TemporaryDirectory() as tmp:
