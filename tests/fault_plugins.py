@@ -37,11 +37,15 @@ class InjectedFault(RuntimeError):
     """What every fault_* stage raises, so a test can tell an injected fault from a real bug."""
 
 
-def _inject(fault: str, where: str, release: threading.Event) -> None:
+def _inject(fault: str, where: str, release: threading.Event, fail_when_released: bool = False) -> None:
+    """Raise, or hang until released; a released stage carries on (a late result) unless
+    `fail_when_released`."""
     if fault == "raise":
         raise InjectedFault(f"injected fault in {where}")
     if fault == "hang":
         release.wait(HANG_LIMIT_S)
+        if fail_when_released:
+            raise InjectedFault(f"hung stage {where} released")
 
 
 def _check_fault(fault: str) -> str:
@@ -179,10 +183,12 @@ class SpyBackend:
 
     def generate(self, rows, plans, max_new_tokens, on_tokens=None):
         self.generated.append(list(plans))
-        _inject(self.fault, "generate", self.release)
+        # A released generation must not go on to run the model: its request gave up on it long
+        # ago, and later tests share the model (a steering hook from it would leak into theirs).
+        _inject(self.fault, "generate", self.release, fail_when_released=True)
         steered = any(plan.active for plan in plans)
         if steered:
-            _inject(self.fault_steered, "generate", self.release)
+            _inject(self.fault_steered, "generate", self.release, fail_when_released=True)
         if steered and self.fail_after_tokens is not None and on_tokens is not None:
             on_tokens = self._failing_after(on_tokens, self.fail_after_tokens)
         return self.inner.generate(rows, plans, max_new_tokens, on_tokens=on_tokens)
