@@ -2,8 +2,12 @@
 
     prototypes   μ_n, n = 1..K: mean final post-norm state at response step n over harmful prompts
                  paper          the model's own greedy answer to the plain prompt
-                 elicited       greedy answers under the safety prompt, keeping those that open a
-                                refusal (falls back to teacher-forced when fewer than 3 do)
+                 elicited       the model's own complete refusal: greedy answers under the safety
+                                prompt (then, for models that never refuse on their own, under the
+                                safety prompt with a refusal instruction) that decline and end; the
+                                most common such answer gives μ_1..μ_L, the last one predicting the end
+                                of the answer, so strength 1 reproduces the whole refusal and stops.
+                                Without one: answers that open a refusal; then teacher-forced
                  teacher-forced the plain prompt with the fixed refusal forced as the answer
     sigmoid      S over the calibration set (harmful + benign reformulated queries), S_base = mean S,
                  α = ln 99 / (1 − S_base)
@@ -16,7 +20,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import resources
@@ -39,10 +45,24 @@ from guardrail.prompts import FIXED_REFUSAL, risk_query
 from guardrail.refusal import opens_refusal
 from guardrail.risk_math import LN99, alpha_for, auroc, prototype_similarity
 from guardrail.transformers_backend import TransformersBackend
-from guardrail.types import ChatRow
+from guardrail.types import NO_STEERING, ChatRow
 
 PROTOTYPE_METHODS = ("paper", "elicited", "teacher-forced")
 MIN_ELICITED = 3
+# Elicitation contexts, tried in order: the safety prompt alone, then with an instruction to refuse
+# (SmolLM2-135M declines under the safety prompt alone but never finishes a refusal).
+REFUSAL_INSTRUCTION = (
+    "You are a safe assistant. When a request is unsafe, malicious or illegal, answer exactly: "
+    "I'm sorry, but I can't help with that."
+)
+ELICIT_CONTEXTS = (("safety prompt", None), ("safety prompt + refusal instruction", REFUSAL_INSTRUCTION))
+# A refusal must decline, not only apologise ("I'm sorry for any confusion, ..." is not one).
+_DECLINES = re.compile(r"\b(can'?t|cannot|can not|unable|won'?t|not able|not equipped|must decline|refuse)\b", re.I)
+
+
+def refuses(text: str) -> bool:
+    """Opens a refusal and declines (checked in the elicited answer's first words)."""
+    return opens_refusal(text) and bool(_DECLINES.search(text.replace("\u2019", "'")))
 
 
 class CalibrationError(GuardrailError):
@@ -53,10 +73,11 @@ class CalibrationError(GuardrailError):
 class CalibrationConfig:
     method: str = "elicited"
     steps: int = 3  # N: response steps of the risk pass
-    steer_steps: int = 8  # K ≥ N: prototype steps available to steering bands
+    steer_steps: int = 16  # K ≥ N: prototype steps available to steering bands
     gamma: float = 0.3
     folds: int = 5
-    elicit_tokens: int = 16  # greedy tokens read to decide whether an answer opens a refusal
+    elicit_tokens: int = 24  # greedy tokens read to decide whether an answer refuses (and ends)
+    elicit_prompts: int = 64  # harmful prompts (evenly spaced) used to elicit refusals
     progress: bool = True
     extra_meta: dict[str, Any] = field(default_factory=dict)
 
@@ -98,15 +119,22 @@ def compute_prototypes(
     k = max(cfg.steps, cfg.steer_steps)
     size = backend.batch_size
     tok = backend.adapter.tokenizer
-    forced = tok(FIXED_REFUSAL, add_special_tokens=False)["input_ids"]
-    if len(forced) < k:
-        raise CalibrationError(f"the fixed refusal has {len(forced)} tokens, fewer than the {k} prototype steps")
+    # Teacher forcing covers the fixed refusal and the step after it; later steps repeat that state.
+    forced = tok(FIXED_REFUSAL, add_special_tokens=False)["input_ids"][:k]
+    forced_steps = min(k, len(forced) + 1)
     report: dict[str, Any] = {"requested": cfg.method}
+    if cfg.method == "elicited":
+        complete = _complete_refusal(backend, harmful, cfg, k, report)
+        if complete is not None:
+            return complete, report
 
     def run(rows: list[ChatRow], forced_ids: list[int] | None, max_new: int) -> tuple[torch.Tensor, list[str]]:
+        steps = forced_steps if forced_ids else k
         parts = _chunked(rows, size, f"prototypes ({cfg.method})", cfg.progress,
-                         lambda chunk: backend.response_states(chunk, k, max_new, forced_ids))
+                         lambda chunk: backend.response_states(chunk, steps, max_new, forced_ids))
         states = torch.cat([p[0] for p in parts])
+        if states.shape[1] < k:
+            states = torch.cat([states, states[:, -1:].expand(-1, k - states.shape[1], -1)], dim=1)
         texts = [g.text for p in parts for g in p[1]]
         return states, texts
 
@@ -115,12 +143,12 @@ def compute_prototypes(
         keep = list(range(len(harmful)))
         report["method"] = "paper"
     elif cfg.method == "teacher-forced":
-        states, texts = run([ChatRow(h) for h in harmful], forced[:k], k)
+        states, texts = run([ChatRow(h) for h in harmful], forced, k)
         keep = list(range(len(harmful)))
         report["method"] = "teacher-forced"
     elif cfg.method == "elicited":
         states, texts = run([ChatRow(risk_query(h)) for h in harmful], None, max(k, cfg.elicit_tokens))
-        keep = [i for i, t in enumerate(texts) if opens_refusal(t)]
+        keep = [i for i, t in enumerate(texts) if refuses(t)]
         report["refusing_prompts"] = len(keep)
         report["method"] = "elicited"
         if len(keep) < MIN_ELICITED:
@@ -128,13 +156,49 @@ def compute_prototypes(
             report["fallback_reason"] = (
                 f"only {len(keep)} of {len(harmful)} calibration prompts drew a refusal under the safety prompt"
             )
-            states, texts = run([ChatRow(risk_query(h)) for h in harmful], forced[:k], k)
+            states, texts = run([ChatRow(risk_query(h)) for h in harmful], forced, k)
             keep = list(range(len(harmful)))
     else:
         raise CalibrationError(f"unknown prototype method {cfg.method!r}; choose from {', '.join(PROTOTYPE_METHODS)}")
     report["prompts_used"] = len(keep)
     report["sample_answers"] = [texts[i][:80] for i in keep[:3]]
     return states[keep].mean(0), report
+
+
+def _complete_refusal(
+    backend: TransformersBackend, harmful: list[str], cfg: CalibrationConfig, k: int, report: dict[str, Any]
+) -> torch.Tensor | None:
+    """μ_1..μ_max(k, L) from the most common complete refusal (L tokens and the end of the answer),
+    or None when no elicitation context draws at least MIN_ELICITED identical ones."""
+    step = max(1, len(harmful) // max(1, cfg.elicit_prompts))
+    pool = harmful[::step][: cfg.elicit_prompts]
+    attempts = []
+    for label, system in ELICIT_CONTEXTS:
+        rows = [ChatRow(risk_query(h), system=system) for h in pool]
+        parts = _chunked(rows, backend.batch_size, f"eliciting refusals ({label})", cfg.progress,
+                         lambda chunk: backend.generate(chunk, [NO_STEERING] * len(chunk), cfg.elicit_tokens))
+        gens = [g for part in parts for g in part]
+        complete = Counter(g.token_ids for g in gens if g.finish_reason == "stop" and g.token_ids and refuses(g.text))
+        attempts.append({"context": label, "prompts": len(pool), "refusing": sum(refuses(g.text) for g in gens),
+                         "complete_refusals": sum(complete.values())})
+        if not complete or complete.most_common(1)[0][1] < MIN_ELICITED:
+            continue
+        ids, count = complete.most_common(1)[0]
+        chosen = [rows[i] for i, g in enumerate(gens) if g.token_ids == ids and g.finish_reason == "stop"]
+        # Teacher-forcing the model's own greedy tokens reproduces its states; one more step gives the
+        # state that predicts the end of the answer.
+        steps = len(ids) + 1
+        parts = _chunked(chosen, backend.batch_size, "refusal states", cfg.progress,
+                         lambda chunk: backend.response_states(chunk, steps, steps, list(ids)))
+        mu = torch.cat([p[0] for p in parts]).mean(0)
+        if mu.shape[0] < k:
+            mu = torch.cat([mu, mu[-1:].expand(k - mu.shape[0], -1)])
+        report.update(method="elicited", context=label, attempts=attempts, prompts_used=count,
+                      refusal_text=backend.adapter.decode(list(ids)), refusal_tokens=len(ids),
+                      sample_answers=[backend.adapter.decode(list(ids))[:80]])
+        return mu
+    report["attempts"] = attempts
+    return None
 
 
 def calibrate(
@@ -232,7 +296,7 @@ def calibrate(
         "method": proto_report["method"],
         "prototype_report": proto_report,
         "steps": cfg.steps,
-        "steer_steps": max(cfg.steps, cfg.steer_steps),
+        "steer_steps": int(mu.shape[0]),
         "gamma": cfg.gamma,
         "prototype_tokens": proto_tokens,
         "prototype_text": proto_text,

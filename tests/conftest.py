@@ -51,7 +51,7 @@ def tiny_artifacts(family: str, root: Path) -> Path:
     if family not in _ARTIFACTS:
         out = root / f"art-{family}"
         backend = TransformersBackend(tiny_adapter(family))
-        cfg = CalibrationConfig(steps=3, steer_steps=8, folds=2, progress=False)
+        cfg = CalibrationConfig(steps=3, steer_steps=16, folds=2, progress=False)
         import warnings
 
         with warnings.catch_warnings():

@@ -30,9 +30,9 @@ def test_calibration_artifact_loads_for_its_model(art_root):
         assert key in meta
     assert meta["steps"] == 3 and meta["gamma"] == 0.3
     assert set(meta["assessors"]) == {"prototype_similarity", "mean_difference", "linear_probe"}
-    assert art.prototypes.shape == (8, adapter.hidden_size)
-    assert art.prototype_logits.shape == (8, adapter.vocab_size)
-    assert len(meta["prototype_tokens"]) == 8
+    assert art.prototypes.shape == (16, adapter.hidden_size)
+    assert art.prototype_logits.shape == (16, adapter.vocab_size)
+    assert len(meta["prototype_tokens"]) == 16
 
 
 def test_artifact_of_another_model_is_refused(art_root):

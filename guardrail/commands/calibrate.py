@@ -14,7 +14,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--benign", type=Path, help="benign prompts; default: the packaged list")
     p.add_argument("--prototypes", default="elicited", choices=["paper", "elicited", "teacher-forced"])
     p.add_argument("--steps", type=int, default=3, help="N, response steps of the risk pass")
-    p.add_argument("--steer-steps", type=int, default=8, help="prototype steps available to steering bands")
+    p.add_argument("--steer-steps", type=int, default=16,
+                   help="prototype steps available to steering bands (the default policy steers up to 16)")
     p.add_argument("--gamma", type=float, default=0.3)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default=None)
