@@ -82,6 +82,7 @@ class BenchConfig:
     artifacts: Path | None = None  # reuse a calibration; else a small one is made (not timed)
     rss: bool = True
     profile: Path | None = None
+    prefix_sharing: bool = True  # False: every pass runs in full (to see what sharing buys)
 
 
 # ----- model and guard -----------------------------------------------------------------------------
@@ -135,12 +136,13 @@ def write_policies(workdir: Path) -> Path:
     return folder
 
 
-def make_guard(adapter: Any, artifacts: Path, policies: Path, cache_size: int) -> Any:
+def make_guard(adapter: Any, artifacts: Path, policies: Path, cache_size: int, share: bool = True) -> Any:
     from guardrail.artifacts import load_artifacts
     from guardrail.pipeline import Guardrail
     from guardrail.transformers_backend import TransformersBackend
 
     engine = TransformersBackend(adapter, load_artifacts(artifacts, adapter.fingerprint()))
+    engine.share_prefixes = engine.share_prefixes and share
     return Guardrail(engine, policies, caption_cache_size=cache_size)
 
 
@@ -212,8 +214,8 @@ class Workloads(PlainWork):
         from guardrail.types import ChatRow, SteeringPlan
 
         super().__init__(adapter, cfg)
-        self.cached = make_guard(adapter, artifacts, policies, cache_size=4096)
-        self.uncached = make_guard(adapter, artifacts, policies, cache_size=0)
+        self.cached = make_guard(adapter, artifacts, policies, cache_size=4096, share=cfg.prefix_sharing)
+        self.uncached = make_guard(adapter, artifacts, policies, cache_size=0, share=cfg.prefix_sharing)
         self.engine = self.cached.engine
         self.row = ChatRow(QUESTION, self._decode(self.request.images))
         self.steer_plan = SteeringPlan(**STEER)
@@ -320,7 +322,7 @@ def rss_child(variant: str, cfg: BenchConfig, artifacts: Path, policies: Path) -
         steps = [plain.plain, plain.plain_batch]
     else:  # one guard, no visual-context cache: every image is captioned (the most work)
         plain = PlainWork(adapter, cfg)
-        guard = make_guard(adapter, artifacts, policies, cache_size=0)
+        guard = make_guard(adapter, artifacts, policies, cache_size=0, share=cfg.prefix_sharing)
         steps = [lambda: guard.generate(plain.request), lambda: guard.generate_batch(plain.requests)]
     ready = _rss_now_mb()
     reset = _reset_peak_rss()
@@ -350,6 +352,8 @@ def measure_rss(cfg: BenchConfig, artifacts: Path, policies: Path) -> dict[str, 
                 "--batch", str(cfg.batch), "--artifacts", str(artifacts), "--policies", str(policies)]
         if cfg.device:
             args += ["--device", cfg.device]
+        if not cfg.prefix_sharing:
+            args += ["--no-prefix-sharing"]
         proc = subprocess.run(args, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise RuntimeError(f"RSS subprocess for {variant} failed:\n{proc.stderr[-2000:]}")
@@ -558,6 +562,7 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--artifacts", type=Path, help="a calibration to reuse (default: a small one is made)")
     p.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
+    p.add_argument("--no-prefix-sharing", action="store_true", help="run every pass in full (to see what sharing buys)")
     p.add_argument("--profile", type=Path, help="also write cProfile summaries of one plain and one guarded request here")
 
 
@@ -567,7 +572,7 @@ def config_from(args: Any) -> BenchConfig:
     return BenchConfig(
         model=args.model, image_tokens=args.image_tokens, answer_tokens=args.answer_tokens, rounds=args.rounds,
         batch=args.batch, device=args.device, artifacts=args.artifacts, rss=not args.no_rss,
-        profile=getattr(args, "profile", None),
+        profile=getattr(args, "profile", None), prefix_sharing=not getattr(args, "no_prefix_sharing", False),
     )
 
 
