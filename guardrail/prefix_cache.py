@@ -207,16 +207,6 @@ class SharedBatch:
             "cache": self.cache(config),
         }
 
-    def forward_kwargs(self, config: Any) -> dict[str, Any]:
-        """For one forward over the uncached tokens (a risk pass that needs only layer states)."""
-        return {
-            "input_ids": self.input_ids[:, self.cached :],
-            "attention_mask": self.attention_mask,
-            "position_ids": self.position_ids[..., self.cached :],
-            "cache": self.cache(config),
-            "use_cache": True,
-        }
-
 
 def assemble(
     rows_ids: Sequence[torch.Tensor], entries: Sequence[PrefixEntry | None], pad_id: int

@@ -195,8 +195,12 @@ class TransformersBackend:
                         )
                         logits[idx] = torch.stack([z.float().cpu() for z in out.logits], dim=1)
                         tokens[idx] = out.sequences[:, prompt_len:].cpu()
-                    elif shared:
-                        self.adapter.model(**shared.forward_kwargs(self.adapter.model.config), logits_to_keep=1)
+                    elif shared:  # one forward over the uncached tokens, on the cache just built
+                        c = shared.cached
+                        self.adapter.model(
+                            input_ids=inputs["input_ids"][:, c:], attention_mask=inputs["attention_mask"],
+                            position_ids=inputs["position_ids"][..., c:], cache=inputs["cache"], use_cache=True, logits_to_keep=1,
+                        )
                     else:
                         self.adapter.model(**inputs, use_cache=False)
                 for l in layer_list:
