@@ -147,15 +147,18 @@ class PrefixStore:
             return entry
 
     def get_by_text(self, text_key: tuple) -> PrefixEntry | None:
-        """The entry a checked prompt-text head points to (counts a hit only when found: a miss here
-        falls through to `get`, which counts it)."""
+        """The entry a checked prompt-text head points to. Counts nothing: the caller counts hits
+        (`count_hits`) once the whole chunk was found, else falls through to `get`, which counts."""
         with self._lock:
             key = self._by_text.get(text_key)
             entry = self._entries.get(key) if key is not None else None
             if entry is not None:
                 self._entries.move_to_end(key)
-                self.hits += 1
             return entry
+
+    def count_hits(self, n: int) -> None:
+        with self._lock:
+            self.hits += n
 
     def has_text(self, text_key: tuple) -> bool:
         with self._lock:

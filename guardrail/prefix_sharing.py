@@ -75,6 +75,7 @@ class PrefixSharing:
             enc = self.encode([rows[b] for b in text_rows])
             for j, b in enumerate(text_rows):
                 ids[b] = enc["input_ids"][j][enc["attention_mask"][j].bool()]
+        self.store.count_hits(sum(e is not None for e in entries))
         self.fast_chunks += 1
         return self._layout(ids, entries)
 
