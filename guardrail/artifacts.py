@@ -165,6 +165,10 @@ def check_structure(meta: dict[str, Any], where: Path | str) -> None:
             integer = field in INTEGER_NUMBERS
             if type(value) not in ((int,) if integer else (int, float)) or not math.isfinite(value) or (integer and value < 0):
                 fail(f"assessors.{name}.{field}", "a whole number >= 0" if integer else "a finite number", value)
+        layers = block.get("layers")
+        if layers is not None and (not isinstance(layers, list) or not layers
+                                   or not all(type(n) is int and n >= 0 for n in layers)):
+            fail(f"assessors.{name}.layers", "a non-empty list of layer numbers", layers)
 
 
 def check_fingerprint(recorded: dict[str, Any], actual: dict[str, Any], where: Path | str) -> None:
@@ -180,14 +184,16 @@ def check_fingerprint(recorded: dict[str, Any], actual: dict[str, Any], where: P
 def check_shapes(art: Artifacts, fingerprint: dict[str, Any]) -> None:
     """Every steering tensor must fit the model: d = hidden size, V = vocab, L = layer count."""
     d, vocab, layers = fingerprint["hidden_size"], fingerprint["vocab_size"], fingerprint["num_layers"]
+    # A multi-layer probe reads its layers' states side by side: k·d features.
+    k = len(art.meta.get("assessors", {}).get("linear_probe", {}).get("layers", [0]))
     expected = {
         "prototypes": (None, d),
         "prototype_logits": (None, vocab),
         "directions": (layers, d),
         "midpoints": (layers, d),
-        "probe.weight": (d,),
-        "probe.mean": (d,),
-        "probe.scale": (d,),
+        "probe.weight": (k * d,),
+        "probe.mean": (k * d,),
+        "probe.scale": (k * d,),
     }
     for key, shape in expected.items():
         if key not in art.tensors:

