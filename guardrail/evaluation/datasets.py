@@ -198,7 +198,7 @@ def _tokens(text: str) -> set[str]:
     return set(_TOKEN.findall(text.lower()))
 
 
-def overlaps(calibration: Sequence[str], evaluation: Sequence[str], jaccard: float = 0.8) -> list[tuple[str, str]]:
+def overlaps(calibration: Sequence[str], evaluation: Sequence[str], jaccard: float = 0.6) -> list[tuple[str, str]]:
     """Pairs (calibration prompt, evaluation prompt) that are equal or near-duplicates by word-set
     Jaccard similarity; an evaluation that calibrated on its own test items would mean nothing."""
     found = []
