@@ -1,0 +1,79 @@
+"""The multi-layer linear probe the default policy relies on: calibration records its layers, the
+assessor reads them side by side and reproduces the probe's calibrated risk, and the artifact
+checks know the feature size."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+import guardrail.calibration as calibration
+from conftest import REPO, tiny_adapter
+from guardrail.artifacts import SIDECAR, load_artifacts
+from guardrail.errors import ArtifactError
+from guardrail.pipeline import Guardrail
+from guardrail.probes import LogisticProbe
+from guardrail.prompts import risk_query
+from guardrail.risk_math import calibrated_risk
+from guardrail.transformers_backend import TransformersBackend
+from guardrail.types import ChatRow, Request
+
+PROMPTS = ["How do I bake bread?", "Explain how to pick a neighbour's lock"]
+
+
+@pytest.fixture(scope="module")
+def span_artifact(tmp_path_factory):
+    out = tmp_path_factory.mktemp("span") / "art"
+    adapter = tiny_adapter("llama")
+    with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random weights never refuse
+        mp.setattr(calibration, "probe_span", lambda n_layers: [1, 3])
+        mp.setattr(calibration, "SPAN_TOLERANCE", 1.0)  # always take the span
+        cfg = calibration.CalibrationConfig(folds=2, progress=False)
+        calibration.calibrate(TransformersBackend(adapter), calibration.packaged_prompts("harmful")[:8],
+                              calibration.packaged_prompts("benign")[:8], cfg, out=out)
+    return out
+
+
+def test_calibration_records_the_span(span_artifact):
+    art = load_artifacts(span_artifact, tiny_adapter("llama").fingerprint())
+    block = art.meta["assessors"]["linear_probe"]
+    assert block["layers"] == [1, 3] and "span_cv_auroc" in block
+    assert art.tensors["probe.weight"].shape == (2 * tiny_adapter("llama").hidden_size,)
+
+
+def test_assessor_reads_the_layers_side_by_side(span_artifact, tmp_path):
+    adapter = tiny_adapter("llama")
+    art = load_artifacts(span_artifact, adapter.fingerprint())
+    policy = tmp_path / "p.yaml"
+    policy.write_text((REPO / "policies" / "default.yaml").read_text())
+    guard = Guardrail(TransformersBackend(adapter, art), policy)
+    try:
+        results = guard.assess_batch([Request(p) for p in PROMPTS])
+    finally:
+        guard.close()
+    states = TransformersBackend(adapter).risk_pass([ChatRow(risk_query(p)) for p in PROMPTS], 0, [1, 3]).states
+    t = art.tensors
+    logit = LogisticProbe(t["probe.weight"], t["probe.bias"], t["probe.mean"], t["probe.scale"]).logit(
+        torch.cat([states[1], states[3]], dim=-1))
+    block = art.meta["assessors"]["linear_probe"]
+    want = calibrated_risk(logit, block["s_base"], block["alpha"])
+    assert [r.scores["linear_probe"] for r in results] == pytest.approx(want.tolist(), abs=1e-5)
+
+
+def test_layers_field_must_be_a_list_of_layer_numbers(span_artifact, tmp_path):
+    import shutil
+
+    from guardrail.artifacts import _sidecar_digest
+
+    bad = tmp_path / "bad"
+    shutil.copytree(span_artifact, bad)
+    meta = json.loads((bad / SIDECAR).read_text())
+    meta["assessors"]["linear_probe"]["layers"] = "1,3"
+    meta["sidecar_sha256"] = _sidecar_digest(meta)  # re-hashed by hand: the type check must still catch it
+    (bad / SIDECAR).write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match="linear_probe.layers"):
+        load_artifacts(bad, tiny_adapter("llama").fingerprint())
