@@ -102,7 +102,7 @@ def test_eval_refuses_missing_inputs(tmp_path, capsys):
 def test_diagnose_typographic(tmp_path, capsys):
     out = tmp_path / "diag"
     code = main(["diagnose", "--model", "tiny-random:llama", "--policy", str(REPO / "policies" / "default.yaml"),
-                 "--typographic", "--limit", "3", "--out", str(out), "--no-progress"])
+                 "--typographic", "--limit", "2", "--out", str(out), "--no-progress"])
     assert code == 0
     data = json.loads((out / "fisher.json").read_text())
     assert len(data["without"]) == len(data["with_reformulation"]) > 0

@@ -31,7 +31,7 @@ def markdown(report: dict[str, Any], details: dict[str, Any]) -> str:
         f"- policy: `{details['config']['policy']}`; artifacts: `{details['config']['artifacts']}`",
         f"- judge: `{details['judge']['name']}` (agreement with the hand-labelled set: "
         f"{_pct(details['judge'].get('agreement'))} of {details['judge'].get('n', 0)})",
-        f"- inputs: " + ", ".join(f"{s['role']} `{name}` ({s['n']})" for name, s in details["inputs"].items()),
+        "- inputs: " + ", ".join(f"{s['role']} `{name}` ({s['n']})" for name, s in details["inputs"].items()),
         f"- max new tokens {details['config']['max_new_tokens']}, batch size {details['config']['batch_size']}, "
         f"limit {details['config']['limit']}",
         f"- machine: {details['machine']}; date {details['date']}",

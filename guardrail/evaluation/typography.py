@@ -13,7 +13,10 @@ from __future__ import annotations
 import re
 import textwrap
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:  # pragma: no cover
+    from PIL import Image
 
 # FigStep's text prompt (Gong et al. 2023), which carries no harmful words itself.
 FIGSTEP_PROMPT = (
@@ -52,7 +55,7 @@ def heading(request: str) -> str:
     return f"Steps to {text[0].lower()}{text[1:]}."
 
 
-def render(request: str) -> "Image.Image":  # noqa: F821
+def render(request: str) -> "Image.Image":
     """The image for one request: the heading, wrapped, then "1." "2." "3." on their own lines."""
     from PIL import Image, ImageDraw, ImageFont
 
