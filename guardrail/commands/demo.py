@@ -54,9 +54,9 @@ def run(args: argparse.Namespace) -> int:
     adapter = load_model(args.model)
     folder, art = ensure_artifacts(adapter, progress=not args.no_progress)
     policy = args.policy or default_policy()
-    tokens = art.meta["prototype_tokens"]
-    print(f"\nprototypes ({art.meta['method']}): strength 1 makes the answer start with the argmax tokens")
-    print("  " + " | ".join(repr(t) for t in tokens) + f"   -> {''.join(tokens)!r}")
+    tokens = _until_end(art.meta["prototype_tokens"], adapter)
+    print(f"\nprototypes ({art.meta['method']}): at strength 1 the answer's first tokens are their argmax")
+    print("  " + " | ".join(repr(t) for t in tokens) + f"\n  -> {''.join(tokens)!r}")
     if not art.meta.get("prototypes_open_refusal", True):
         print("  WARNING: these tokens do not open a refusal on this model")
 
@@ -79,6 +79,13 @@ def run(args: argparse.Namespace) -> int:
           " so it reads the image through OCR (the visual context).")
     print(f"artifacts: {folder}\ndone in {time.perf_counter() - t0:.0f} s")
     return 0
+
+
+def _until_end(tokens: list[str], adapter) -> list[str]:
+    """The prototype tokens up to the first end-of-answer token (later steps repeat it)."""
+    ends = {adapter.tokenizer.decode([i]) for i in adapter.eos_token_ids()}
+    cut = next((i + 1 for i, t in enumerate(tokens) if t in ends), len(tokens))
+    return tokens[:cut]
 
 
 def _clip(text: str, width: int) -> str:
