@@ -14,6 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from json_mutation import json_values, paths, replaced
 from fault_plugins import random_artifacts
 from guardrail.artifacts import SIDECAR, TENSORS, _sidecar_digest, load_artifacts, save_artifacts
 from guardrail.errors import ArtifactError
@@ -76,29 +77,7 @@ def test_any_truncation_is_refused(good, adapter, tmp_path, keep, which):
         load_artifacts(folder, adapter.fingerprint())
 
 
-JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers(-5, 10**6) | st.floats(allow_nan=False) | st.text(max_size=8),
-    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
-    max_leaves=5,
-)
-
-
-def _paths(value, prefix=()):
-    yield prefix
-    if isinstance(value, dict):
-        for k, v in value.items():
-            yield from _paths(v, prefix + (k,))
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            yield from _paths(v, prefix + (i,))
-
-
-def _replace(value, path, new):
-    if not path:
-        return new
-    out = dict(value) if isinstance(value, dict) else list(value)
-    out[path[0]] = _replace(value[path[0]], path[1:], new)
-    return out
+JSON_VALUES = json_values(st.integers(-5, 10**6), text_size=8, key_size=8, leaves=5)
 
 
 @FUZZ
@@ -108,8 +87,8 @@ def test_a_consistently_rehashed_sidecar_with_any_edit_loads_or_is_refused(good,
     (and then reading the calibration blocks, as the assessors do) raises ArtifactError or works."""
     meta = json.loads((good / SIDECAR).read_text())
     meta.pop("sidecar_sha256")
-    path = data.draw(st.sampled_from([p for p in _paths(meta) if p]))
-    edited = _replace(meta, path, data.draw(JSON_VALUES))
+    path = data.draw(st.sampled_from([p for p in paths(meta) if p]))
+    edited = replaced(meta, path, data.draw(JSON_VALUES))
     folder = copy(good, tmp_path, "edit")
     resign(folder, edited)
     try:

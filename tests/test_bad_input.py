@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from json_mutation import json_values, paths, replaced
 from fault_plugins import FaultPlugin, RecordingSink, SpyBackend, random_artifacts
 from guardrail.errors import InputError
 from guardrail.images import decode_image
@@ -246,29 +247,7 @@ VALID_BODY = {
     "metadata": {"k": "v"},
     "n": 1,
 }
-JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=10),
-    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=5), c, max_size=3),
-    max_leaves=6,
-)
-
-
-def _paths(value, prefix=()):
-    yield prefix
-    if isinstance(value, dict):
-        for k, v in value.items():
-            yield from _paths(v, prefix + (k,))
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            yield from _paths(v, prefix + (i,))
-
-
-def _replace(value, path, new):
-    if not path:
-        return new
-    copy = dict(value) if isinstance(value, dict) else list(value)
-    copy[path[0]] = _replace(value[path[0]], path[1:], new)
-    return copy
+JSON_VALUES = json_values(st.integers(-(2**70), 2**70), text_size=10, key_size=5, leaves=6)
 
 
 @pytest.fixture(scope="module")
@@ -309,8 +288,8 @@ def test_http_wrong_types_anywhere_are_4xx_with_a_message_never_500(http, data):
     """Any field of a valid body replaced by any JSON value: 200, or a 4xx whose message says what
     is wrong; never a 5xx, and no audit record unless the request was served."""
     client, body, sink = http
-    path = data.draw(st.sampled_from(list(_paths(body))[1:]))
-    mutated = _replace(body, path, data.draw(JSON_VALUES))
+    path = data.draw(st.sampled_from(list(paths(body))[1:]))
+    mutated = replaced(body, path, data.draw(JSON_VALUES))
     before = len(sink.records)
     response = post(client, mutated)
     assert response.status_code < 500, (path, response.text)
