@@ -345,22 +345,14 @@ def _idefics_geometry(image_tokens: int | None) -> tuple[int, int]:
     return 2 * side * PATCH, side * side
 
 
-def _idefics3(seed: int, image_tokens: int | None = None) -> tuple[Any, Any, Any]:
-    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
-    from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionConfig
-    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
-
+def _idefics_parts(image_tokens: int | None, image_processor_cls: Any, vision_config_cls: Any) -> tuple[Any, Any, int]:
+    """What Idefics3 and SmolVLM share: (image processor, vision config, image_seq_len). No splitting
+    into tiles (the real processor tiles large images): one global image per picture keeps the token
+    count at image_seq_len."""
     size, seq_len = _idefics_geometry(image_tokens)
-    tok = byte_tokenizer(IDEFICS_SPECIALS, IDEFICS3_TEMPLATE)
-    # No splitting into tiles (the real processor tiles large images): one global image per picture
-    # keeps the token count at image_seq_len.
-    image_processor = Idefics3ImageProcessorPil(
-        size={"longest_edge": size}, max_image_size={"longest_edge": size}, do_image_splitting=False
-    )
-    processor = Idefics3Processor(
-        image_processor=image_processor, tokenizer=tok, image_seq_len=seq_len, chat_template=IDEFICS3_TEMPLATE
-    )
-    vision = Idefics3VisionConfig(
+    edge = {"longest_edge": size}
+    image_processor = image_processor_cls(size=edge, max_image_size=edge, do_image_splitting=False)
+    vision = vision_config_cls(
         hidden_size=VISION_HIDDEN,
         intermediate_size=64,
         num_hidden_layers=2,
@@ -368,13 +360,30 @@ def _idefics3(seed: int, image_tokens: int | None = None) -> tuple[Any, Any, Any
         image_size=size,
         patch_size=PATCH,
     )
-    config = Idefics3Config(
+    return image_processor, vision, seq_len
+
+
+def _idefics_config(config_cls: Any, vision: Any, tok: Any) -> Any:
+    return config_cls(
         vision_config=vision,
         text_config=_llama_text(tok),
         image_token_id=tok.convert_tokens_to_ids("<image>"),
         scale_factor=2,
         pad_token_id=tok.pad_token_id,
     )
+
+
+def _idefics3(seed: int, image_tokens: int | None = None) -> tuple[Any, Any, Any]:
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
+    from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionConfig
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    image_processor, vision, seq_len = _idefics_parts(image_tokens, Idefics3ImageProcessorPil, Idefics3VisionConfig)
+    tok = byte_tokenizer(IDEFICS_SPECIALS, IDEFICS3_TEMPLATE)
+    processor = Idefics3Processor(
+        image_processor=image_processor, tokenizer=tok, image_seq_len=seq_len, chat_template=IDEFICS3_TEMPLATE
+    )
+    config = _idefics_config(Idefics3Config, vision, tok)
     return _build(Idefics3ForConditionalGeneration, config, seed, tok), tok, processor
 
 
@@ -386,13 +395,11 @@ def _smolvlm(seed: int, image_tokens: int | None = None) -> tuple[Any, Any, Any]
     from transformers.models.smolvlm.configuration_smolvlm import SmolVLMVisionConfig
     from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 
-    size, seq_len = _idefics_geometry(image_tokens)
+    image_processor, vision, seq_len = _idefics_parts(image_tokens, SmolVLMImageProcessorPil, SmolVLMVisionConfig)
+    edge = {"longest_edge": _idefics_geometry(image_tokens)[0]}
     tok = byte_tokenizer(IDEFICS_SPECIALS + ["<video>"], SMOLVLM_TEMPLATE)
-    image_processor = SmolVLMImageProcessorPil(
-        size={"longest_edge": size}, max_image_size={"longest_edge": size}, do_image_splitting=False
-    )
     video_processor = _video_processor(
-        "SmolVLMVideoProcessor", size={"longest_edge": size}, max_image_size={"longest_edge": size}, num_frames=8, fps=1
+        "SmolVLMVideoProcessor", size=edge, max_image_size=dict(edge), num_frames=8, fps=1
     )
     processor = SmolVLMProcessor(
         image_processor=image_processor,
@@ -401,21 +408,7 @@ def _smolvlm(seed: int, image_tokens: int | None = None) -> tuple[Any, Any, Any]
         image_seq_len=seq_len,
         chat_template=SMOLVLM_TEMPLATE,
     )
-    vision = SmolVLMVisionConfig(
-        hidden_size=VISION_HIDDEN,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=size,
-        patch_size=PATCH,
-    )
-    config = SmolVLMConfig(
-        vision_config=vision,
-        text_config=_llama_text(tok),
-        image_token_id=tok.convert_tokens_to_ids("<image>"),
-        scale_factor=2,
-        pad_token_id=tok.pad_token_id,
-    )
+    config = _idefics_config(SmolVLMConfig, vision, tok)
     return _build(SmolVLMForConditionalGeneration, config, seed, tok), tok, processor
 
 
