@@ -3,7 +3,7 @@
     .venv/bin/python scripts/attack_report.py --artifacts DIR [--model smollm2] [--out docs/ATTACKS.md]
 
 Three attacks, each measured against its own baseline on the same requests, under two policies of
-the repository's policies/ folder: `default` (risk = max of the hidden-state assessors) and `paper`
+the repository's policies/ folder: `default` (risk from the hidden-state assessors) and `paper`
 (the paper's prototype similarity). The model reads images through the `ocr` captioner (SmolLM2 is
 text-only), so text in an image becomes the visual context in the risk prompt.
 
@@ -193,7 +193,7 @@ def report(args: argparse.Namespace, items: tuple, harmful: tuple, harmless: tup
         f"Model `{args.model}` (text-only: images are read by the `ocr` captioner into the visual context); "
         f"artifacts from `guardrail calibrate --model {args.model}` (calibrated {meta['created']} on {meta['calibration']}; "
         f"prototypes `{meta['method']}`). "
-        f"Policies from `policies/`: **default** (risk = max of `linear_probe` and `mean_difference`; "
+        f"Policies from `policies/`: **default** (risk = {meta['default_risk']}; "
         f"steers above {meta['default_threshold']}) and **paper** (`prototype_similarity`, strength = risk).",
         "",
         f"{len(h_items)} harmful and {len(b_items)} harmless requests, written for this report (not in the calibration "
@@ -284,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = artifact_meta(args.artifacts)
     default = load_policy(REPO / "policies" / "default.yaml")
     meta["default_threshold"] = next((b.upto for b in default.bands if b.strength_for(b.upto) == 0.0), 0.0)
+    names = [f"`{a.use}`" for a in default.risk.assessors]
+    meta["default_risk"] = names[0] if len(names) == 1 else f"{default.risk.combine} of " + " and ".join(names)
     with tempfile.TemporaryDirectory() as tmp:
         guard = build_guard(args.model, args.artifacts, Path(tmp) / "policies")
         try:
