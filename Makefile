@@ -39,7 +39,7 @@ test: $(SMOL_STAMP)
 	$(BIN)/python -m pytest
 
 # The numbers in docs/RESULTS.md: evaluation data, the default calibration of smollm2, then every
-# method on text and on typographic images. Hours on 2 CPU cores; one torch thread per process is
+# method on text and on typographic images. About 95 minutes on 2 CPU cores; one torch thread per process is
 # much faster than two when anything else runs on the machine.
 RESULTS ?= results
 results: $(SMOL_STAMP)
