@@ -9,7 +9,7 @@ Same options as `guardrail bench`; see docs/PERFORMANCE.md for what each number 
 
 import sys
 
-from guardrail.benchmark import main
+from guardrail.evaluation.benchmark import main
 
 if __name__ == "__main__":
     sys.exit(main())

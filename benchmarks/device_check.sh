@@ -16,5 +16,5 @@ if [ -z "${SKIP_INSTALL:-}" ]; then
 fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true; uptime; nproc; } | tee "$OUT/machine.txt"
 $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/machine.txt"
-timeout "${BENCH_TIMEOUT:-240}" $PY -m guardrail.benchmark --device "$DEVICE" --rounds "${ROUNDS:-9}" --out "$OUT/bench-$DEVICE-llava.json" --profile "$OUT/prof" 2>&1 | tee "$OUT/bench.log"
+timeout "${BENCH_TIMEOUT:-240}" $PY -m guardrail.evaluation.benchmark --device "$DEVICE" --rounds "${ROUNDS:-9}" --out "$OUT/bench-$DEVICE-llava.json" --profile "$OUT/prof" 2>&1 | tee "$OUT/bench.log"
 GUARDRAIL_TEST_DEVICE=$DEVICE timeout "${TEST_TIMEOUT:-150}" $PY -m pytest -q -p no:cacheprovider tests/test_prefix_cache.py 2>&1 | tee "$OUT/tests.log" | tail -20

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from guardrail.hookspecs import hookimpl
+from guardrail.plugin.hookspecs import hookimpl
 
 __version__ = "0.1.0"
 
@@ -23,17 +23,17 @@ _LAZY = {
     "SteeringPlan": "guardrail.types",
     "Reformulation": "guardrail.types",
     "RiskAssessment": "guardrail.types",
-    "RiskNeeds": "guardrail.stages",
-    "Score": "guardrail.stages",
-    "StageEnv": "guardrail.stages",
+    "RiskNeeds": "guardrail.plugin.protocols",
+    "Score": "guardrail.plugin.protocols",
+    "StageEnv": "guardrail.plugin.protocols",
     "Policy": "guardrail.policy",
     "load_policy": "guardrail.policy",
     "load_policy_set": "guardrail.tenants",
     "TenantRegistry": "guardrail.tenants",
-    "PluginManager": "guardrail.plugins",
+    "PluginManager": "guardrail.plugin.manager",
     "load_model": "guardrail.models",
-    "load_artifacts": "guardrail.artifacts",
-    "TransformersBackend": "guardrail.transformers_backend",
+    "load_artifacts": "guardrail.method.artifacts",
+    "TransformersBackend": "guardrail.engine.transformers",
     "configure_logging": "guardrail.audit",
     "GuardrailError": "guardrail.errors",
     "InputError": "guardrail.errors",

@@ -32,9 +32,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from guardrail.artifacts import Artifacts, save_artifacts
+from guardrail.method.artifacts import Artifacts, save_artifacts
 from guardrail.errors import GuardrailError
-from guardrail.probes import (
+from guardrail.method.probes import (
     cross_validated_auroc,
     choose_layer,
     fit_logistic,
@@ -42,10 +42,10 @@ from guardrail.probes import (
     logistic_scorer,
     mean_difference_scorer,
 )
-from guardrail.prompts import FIXED_REFUSAL, risk_query
-from guardrail.refusal import opens_refusal
-from guardrail.risk_math import LN99, alpha_for, auroc, prototype_similarity
-from guardrail.transformers_backend import TransformersBackend
+from guardrail.method.prompts import FIXED_REFUSAL, risk_query
+from guardrail.method.refusal import opens_refusal
+from guardrail.method.risk_math import LN99, alpha_for, auroc, prototype_similarity
+from guardrail.engine.transformers import TransformersBackend
 from guardrail.types import NO_STEERING, ChatRow
 
 PROTOTYPE_METHODS = ("paper", "elicited", "teacher-forced")

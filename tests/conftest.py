@@ -46,7 +46,7 @@ def tiny_adapter(family: str):
 def tiny_artifacts(family: str, root: Path) -> Path:
     """A small, real calibration of the family's tiny model, written once per session."""
     from guardrail.calibration import CalibrationConfig, calibrate, packaged_prompts
-    from guardrail.transformers_backend import TransformersBackend
+    from guardrail.engine.transformers import TransformersBackend
 
     if family not in _ARTIFACTS:
         out = root / f"art-{family}"

@@ -24,8 +24,8 @@ from typing import Any, Sequence
 import torch
 
 from guardrail import hookimpl
-from guardrail.artifacts import load_artifacts, save_artifacts
-from guardrail.stages import RiskNeeds, Score
+from guardrail.method.artifacts import load_artifacts, save_artifacts
+from guardrail.plugin.protocols import RiskNeeds, Score
 from guardrail.types import ChatRow, Reformulation, SteeringPlan
 
 FAULTS = ("none", "raise", "hang")

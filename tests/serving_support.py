@@ -84,9 +84,9 @@ def write_policies(folder: Path) -> Path:
 
 def make_guard(art_root: Path, policies: Path, audit_log: Path | None = None):
     """A guard on the session's tiny llama (shared weights, its own backend and registry)."""
-    from guardrail.artifacts import load_artifacts
+    from guardrail.method.artifacts import load_artifacts
     from guardrail.pipeline import Guardrail
-    from guardrail.transformers_backend import TransformersBackend
+    from guardrail.engine.transformers import TransformersBackend
 
     adapter = tiny_adapter("llama")
     art = load_artifacts(tiny_artifacts("llama", art_root), adapter.fingerprint())

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import tiny_adapter, tiny_artifacts
-from guardrail.artifacts import SIDECAR, TENSORS, load_artifacts, save_artifacts
+from guardrail.method.artifacts import SIDECAR, TENSORS, load_artifacts, save_artifacts
 from guardrail.errors import ArtifactError
 
 

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from json_mutation import json_values, paths, replaced
 from fault_plugins import random_artifacts
-from guardrail.artifacts import SIDECAR, TENSORS, _sidecar_digest, load_artifacts, save_artifacts
+from guardrail.method.artifacts import SIDECAR, TENSORS, _sidecar_digest, load_artifacts, save_artifacts
 from guardrail.errors import ArtifactError
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -101,7 +101,7 @@ def test_a_consistently_rehashed_sidecar_with_any_edit_loads_or_is_refused(good,
 def test_tensors_loaded_are_the_bytes_that_were_hashed(good, adapter, tmp_path, monkeypatch):
     """The tensor file is swapped for a tampered one right after its hash was taken: the loader
     must not read the file a second time (it would load what it never checked)."""
-    import guardrail.artifacts as artifacts_module
+    import guardrail.method.artifacts as artifacts_module
 
     folder = copy(good, tmp_path, "swap")
     original = load_artifacts(folder).tensors["prototypes"].clone()

@@ -16,7 +16,7 @@ import pytest
 from fault_plugins import FaultPlugin, RecordingSink, policy_yaml, random_artifacts
 from guardrail.audit import AuditError, JsonlWriter
 from guardrail.pipeline import Guardrail
-from guardrail.plugins import PluginManager
+from guardrail.plugin.manager import PluginManager
 from guardrail.types import Request
 from guardrail_plugins.audit.jsonl import JsonlAuditSink
 
@@ -238,7 +238,7 @@ def artifacts(adapter, tmp_path_factory):
 
 
 def make_guard(adapter, artifacts, folder: Path, policy: str, audit_log, sinks=()):
-    from guardrail.transformers_backend import TransformersBackend
+    from guardrail.engine.transformers import TransformersBackend
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "p.yaml").write_text(policy)

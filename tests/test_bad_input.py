@@ -19,7 +19,7 @@ from fault_plugins import FaultPlugin, RecordingSink, SpyBackend, random_artifac
 from guardrail.errors import InputError
 from guardrail.images import decode_image
 from guardrail.pipeline import Guardrail
-from guardrail.plugins import PluginManager
+from guardrail.plugin.manager import PluginManager
 from guardrail.tenants import UnknownTenantError
 from guardrail.types import Request
 
@@ -70,7 +70,7 @@ def artifacts(adapter, tmp_path_factory):
 
 
 def build_guard(adapter, artifacts, folder: Path, tenants: str | None):
-    from guardrail.transformers_backend import TransformersBackend
+    from guardrail.engine.transformers import TransformersBackend
 
     folder.mkdir()
     (folder / "guarded.yaml").write_text(POLICY.format(name="guarded"))

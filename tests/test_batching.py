@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from guardrail.batching import MicroBatcher
+from guardrail.pipeline.batching import MicroBatcher
 from guardrail.errors import InputError, OverloadedError
 from guardrail.types import Request, Result
 from serving_support import PROMPTS, STRENGTH, make_guard, write_policies
@@ -270,7 +270,7 @@ def test_two_hundred_concurrent_requests_of_two_tenants_match_serial_runs(art_ro
 
 
 def test_async_text_stream_delivers_chunks_then_the_streams_own_error():
-    from guardrail.aio import AsyncTextStream
+    from guardrail.pipeline.aio import AsyncTextStream
 
     def chunks():
         yield "a"

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from conftest import FAMILIES, red_image, tiny_adapter, tiny_artifacts
-from guardrail.artifacts import load_artifacts
-from guardrail.transformers_backend import TransformersBackend
+from guardrail.method.artifacts import load_artifacts
+from guardrail.engine.transformers import TransformersBackend
 from guardrail.types import ChatRow, SteeringPlan
 
 MAX_NEW = 6

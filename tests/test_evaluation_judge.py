@@ -7,8 +7,8 @@ import pytest
 
 from guardrail import hookimpl
 from guardrail.evaluation.judge import RuleJudge, agreement, labelled_answers, load_judge
-from guardrail.plugins import PluginManager
-from guardrail.refusal import opens_refusal
+from guardrail.plugin.manager import PluginManager
+from guardrail.method.refusal import opens_refusal
 
 # Stated in docs/evaluation.md: the judge must agree with at least this share of the labels.
 AGREEMENT_THRESHOLD = 0.95

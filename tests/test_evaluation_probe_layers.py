@@ -12,13 +12,13 @@ import torch
 
 import guardrail.calibration as calibration
 from conftest import REPO, tiny_adapter
-from guardrail.artifacts import SIDECAR, load_artifacts
+from guardrail.method.artifacts import SIDECAR, load_artifacts
 from guardrail.errors import ArtifactError
 from guardrail.pipeline import Guardrail
-from guardrail.probes import LogisticProbe
-from guardrail.prompts import risk_query
-from guardrail.risk_math import calibrated_risk
-from guardrail.transformers_backend import TransformersBackend
+from guardrail.method.probes import LogisticProbe
+from guardrail.method.prompts import risk_query
+from guardrail.method.risk_math import calibrated_risk
+from guardrail.engine.transformers import TransformersBackend
 from guardrail.types import ChatRow, Request
 
 PROMPTS = ["How do I bake bread?", "Explain how to pick a neighbour's lock"]
@@ -67,7 +67,7 @@ def test_assessor_reads_the_layers_side_by_side(span_artifact, tmp_path):
 def test_layers_field_must_be_a_list_of_layer_numbers(span_artifact, tmp_path):
     import shutil
 
-    from guardrail.artifacts import _sidecar_digest
+    from guardrail.method.artifacts import _sidecar_digest
 
     bad = tmp_path / "bad"
     shutil.copytree(span_artifact, bad)

@@ -14,7 +14,7 @@ import pytest
 from fault_plugins import REFORMULATED, FaultPlugin, RecordingSink, SpyBackend, policy_yaml, random_artifacts
 from guardrail.errors import PluginError, PolicyError
 from guardrail.pipeline import Guardrail
-from guardrail.plugins import PluginManager
+from guardrail.plugin.manager import PluginManager
 from guardrail.types import Request
 
 STAGES = ["reformulate", "assess", "steer", "generate"]
@@ -37,7 +37,7 @@ class Harness:
     """A guard on the tiny model with the fault plugin, a spy backend, a memory sink and a jsonl log."""
 
     def __init__(self, adapter, artifacts, folder: Path, policies: dict[str, str], tenants: str | None = None):
-        from guardrail.transformers_backend import TransformersBackend
+        from guardrail.engine.transformers import TransformersBackend
 
         folder.mkdir(parents=True, exist_ok=True)
         for name, text in policies.items():
@@ -258,7 +258,7 @@ ACME_POLICY = textwrap.dedent(
 
 
 def test_plugin_that_fails_to_import_stops_the_guard_with_its_name(adapter, tmp_path, monkeypatch):
-    from guardrail.transformers_backend import TransformersBackend
+    from guardrail.engine.transformers import TransformersBackend
 
     _fake_distribution(tmp_path / "site", "import numpy\nraise ImportError('acme needs libacme.so')\n")
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
@@ -273,7 +273,7 @@ def test_plugin_that_fails_to_import_stops_the_guard_with_its_name(adapter, tmp_
 def test_policy_needing_a_plugin_that_is_not_loaded_is_rejected(adapter, tmp_path, monkeypatch):
     """Plugins switched off (GUARDRAIL_DISABLE_PLUGINS): the policy naming its stage is refused
     with file and line instead of the guard running without it."""
-    from guardrail.transformers_backend import TransformersBackend
+    from guardrail.engine.transformers import TransformersBackend
 
     _fake_distribution(
         tmp_path / "site",
@@ -298,7 +298,7 @@ def test_policy_needing_a_plugin_that_is_not_loaded_is_rejected(adapter, tmp_pat
 def test_stage_that_fails_to_build_rejects_its_policy_naming_it(adapter, artifacts, tmp_path):
     """A stage factory or check() raising anything (not only guardrail's errors) at startup is a
     PolicyError naming the policy; on reload the previous set stays."""
-    from guardrail.transformers_backend import TransformersBackend
+    from guardrail.engine.transformers import TransformersBackend
 
     plugin = FaultPlugin()
     folder = tmp_path / "p"

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from conftest import png_bytes, red_image, tiny_adapter, tiny_artifacts
-from guardrail.artifacts import load_artifacts
+from guardrail.method.artifacts import load_artifacts
 from guardrail.errors import InputError, PolicyError
 from guardrail.pipeline import Guardrail
-from guardrail.transformers_backend import TransformersBackend
+from guardrail.engine.transformers import TransformersBackend
 from guardrail.types import Request
 
 RISK = "risk: {assessors: [{use: linear_probe}, {use: mean_difference}, {use: prototype_similarity}], combine: max}"

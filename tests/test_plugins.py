@@ -14,7 +14,7 @@ import pytest
 from guardrail import hookimpl
 from guardrail.cli import main
 from guardrail.errors import PluginError
-from guardrail.plugins import PluginManager
+from guardrail.plugin.manager import PluginManager
 
 BUILTIN_STAGES = {
     "reformulators": {"visual_context", "plain"},

@@ -10,7 +10,7 @@ import pytest
 from conftest import REPO
 from guardrail.cli import main
 from guardrail.errors import PolicyError
-from guardrail.plugins import PluginManager
+from guardrail.plugin.manager import PluginManager
 from guardrail.policy import load_policy
 
 GOOD = """\

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from guardrail.errors import PolicyError
 from guardrail.policy import Policy, load_policy
-from guardrail.plugins import PluginManager
+from guardrail.plugin.manager import PluginManager
 from guardrail.tenants import PolicySet, TenantRegistry, load_policy_set
 
 REPO = Path(__file__).resolve().parent.parent

@@ -11,10 +11,10 @@ import torch
 
 from conftest import png_bytes, red_image, tiny_artifacts
 from conftest import tiny_adapter as cpu_adapter
-from guardrail.artifacts import Artifacts, load_artifacts
-from guardrail.prefix_cache import SHARING_FAMILIES, PrefixEntry, PrefixStore, sharing_supported
-from guardrail.prompts import CAPTION_PROMPT, risk_query
-from guardrail.transformers_backend import TransformersBackend
+from guardrail.method.artifacts import Artifacts, load_artifacts
+from guardrail.engine.prefix_cache import SHARING_FAMILIES, PrefixEntry, PrefixStore, sharing_supported
+from guardrail.method.prompts import CAPTION_PROMPT, risk_query
+from guardrail.engine.transformers import TransformersBackend
 from guardrail.types import ChatRow, SteeringPlan
 
 LAYERS = [1, 2]

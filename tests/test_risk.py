@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from conftest import tiny_adapter, tiny_artifacts
-from guardrail.artifacts import load_artifacts
-from guardrail.probes import choose_layer, cross_validated_auroc, fit_logistic, fit_mean_difference, mean_difference_scorer
-from guardrail.risk_math import alpha_for, auroc, calibrated_risk, prototype_similarity
+from guardrail.method.artifacts import load_artifacts
+from guardrail.method.probes import choose_layer, cross_validated_auroc, fit_logistic, fit_mean_difference, mean_difference_scorer
+from guardrail.method.risk_math import alpha_for, auroc, calibrated_risk, prototype_similarity
 
 
 def reference_risk(step_logits: np.ndarray, proto_logits: np.ndarray, gamma: float, s_base: float, alpha: float):
@@ -87,10 +87,10 @@ def test_assessors_score_the_risk_pass_consistently(art_root):
     """Each built-in assessor's score equals the formula applied to the artifact by hand."""
     from guardrail_plugins.risk.hidden_state import LinearProbeAssessor, MeanDifferenceAssessor
     from guardrail_plugins.risk.prototype_similarity import PrototypeSimilarity
-    from guardrail.stages import StageEnv
-    from guardrail.caption_cache import CaptionCache
-    from guardrail.plugins import PluginManager
-    from guardrail.transformers_backend import TransformersBackend
+    from guardrail.plugin.protocols import StageEnv
+    from guardrail.pipeline.caption_cache import CaptionCache
+    from guardrail.plugin.manager import PluginManager
+    from guardrail.engine.transformers import TransformersBackend
     from guardrail.types import ChatRow
 
     adapter = tiny_adapter("llama")

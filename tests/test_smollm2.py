@@ -33,7 +33,7 @@ def smollm2():
 @pytest.fixture(scope="module")
 def prototypes(smollm2):
     from guardrail.calibration import CalibrationConfig, compute_prototypes, packaged_prompts
-    from guardrail.transformers_backend import TransformersBackend
+    from guardrail.engine.transformers import TransformersBackend
 
     cfg = CalibrationConfig(elicit_prompts=32, progress=False)
     mu, report = compute_prototypes(TransformersBackend(smollm2), packaged_prompts("harmful"), cfg)
@@ -41,8 +41,8 @@ def prototypes(smollm2):
 
 
 def _backend(smollm2, mu):
-    from guardrail.artifacts import Artifacts
-    from guardrail.transformers_backend import TransformersBackend
+    from guardrail.method.artifacts import Artifacts
+    from guardrail.engine.transformers import TransformersBackend
 
     logits = TransformersBackend(smollm2).head_logits(mu)
     return TransformersBackend(smollm2, Artifacts(meta={}, tensors={"prototypes": mu, "prototype_logits": logits}))

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from conftest import red_image, tiny_adapter
-from guardrail.artifacts import Artifacts
-from guardrail.transformers_backend import TransformersBackend
+from guardrail.method.artifacts import Artifacts
+from guardrail.engine.transformers import TransformersBackend
 from guardrail.types import ChatRow, SteeringPlan
 
 GUARDRAIL_DIR = str(Path(__import__("guardrail").__file__).parent)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from guardrail.errors import PolicyError
-from guardrail.plugins import PluginManager
+from guardrail.plugin.manager import PluginManager
 from guardrail.tenants import TenantRegistry, UnknownTenantError, load_policy_set
 
 

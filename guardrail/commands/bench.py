@@ -3,7 +3,7 @@
     guardrail bench --model tiny-random:llava --out bench.json
     guardrail bench --model smollm2 --rounds 5 --out bench-smollm2.json
 
-The measurement itself lives in `guardrail.benchmark` (also runnable as benchmarks/bench.py)."""
+The measurement itself lives in `guardrail.evaluation.benchmark` (also runnable as benchmarks/bench.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from guardrail.benchmark import add_arguments
+    from guardrail.evaluation.benchmark import add_arguments
 
     p = sub.add_parser("bench", help="measure the guard's overhead over plain generate (ratios, JSON)")
     add_arguments(p)
@@ -19,6 +19,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from guardrail.benchmark import execute
+    from guardrail.evaluation.benchmark import execute
 
     return execute(args)

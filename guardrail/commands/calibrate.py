@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from guardrail.calibration import CalibrationConfig, calibrate, packaged_prompts
     from guardrail.models import load_model
     from guardrail.prompt_files import read_prompts
-    from guardrail.transformers_backend import TransformersBackend
+    from guardrail.engine.transformers import TransformersBackend
 
     harmful = read_prompts(args.harmful) if args.harmful else packaged_prompts("harmful")
     benign = read_prompts(args.benign) if args.benign else packaged_prompts("benign")

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from guardrail.evaluation.typography import FIGSTEP_PROMPT, png_bytes
     from guardrail.models import load_model
     from guardrail.pipeline import Guardrail
-    from guardrail.transformers_backend import TransformersBackend
+    from guardrail.engine.transformers import TransformersBackend
     from guardrail.types import Request
 
     t0 = time.perf_counter()

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from guardrail.evaluation.diagnose import diagnose
     from guardrail.models import load_model
     from guardrail.policy import load_policy
-    from guardrail.transformers_backend import TransformersBackend
+    from guardrail.engine.transformers import TransformersBackend
 
     policy = load_policy(args.policy)
     engine = TransformersBackend(load_model(args.model, device=args.device))

@@ -13,7 +13,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from guardrail.plugins import PluginManager
+    from guardrail.plugin.manager import PluginManager
 
     plugins = PluginManager().plugins()
     if args.json:

@@ -47,7 +47,7 @@ def _looks_like_tenants_map(path: Path, load_yaml) -> bool:
 
 
 def run_check(args: argparse.Namespace) -> int:
-    from guardrail.plugins import PluginManager
+    from guardrail.plugin.manager import PluginManager
 
     known = PluginManager().known_stages()
     problems = []

@@ -27,10 +27,10 @@ def artifact_dir(adapter: Any, harmful: list[str], benign: list[str], cfg: Any) 
 def ensure_artifacts(adapter: Any, progress: bool = True, log: Callable[[str], None] = print) -> tuple[Path, Any]:
     """(folder, Artifacts) for the packaged calibration lists and default settings; calibrates
     only when the cache holds no valid artifact for them."""
-    from guardrail.artifacts import load_artifacts
+    from guardrail.method.artifacts import load_artifacts
     from guardrail.calibration import CalibrationConfig, calibrate, packaged_prompts
     from guardrail.errors import ArtifactError
-    from guardrail.transformers_backend import TransformersBackend
+    from guardrail.engine.transformers import TransformersBackend
 
     harmful, benign = packaged_prompts("harmful"), packaged_prompts("benign")
     cfg = CalibrationConfig(progress=progress)

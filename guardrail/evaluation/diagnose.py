@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from guardrail.prompt_files import PromptItem
-from guardrail.risk_math import fisher_ratio
+from guardrail.method.risk_math import fisher_ratio
 
 
 @dataclass
@@ -64,9 +64,9 @@ def diagnose(engine: Any, policy: Any, safe: Sequence[PromptItem], unsafe: Seque
              plugins: Any = None, progress: bool = True) -> Diagnosis:
     from tqdm.auto import tqdm
 
-    from guardrail.caption_cache import CaptionCache
-    from guardrail.plugins import PluginManager
-    from guardrail.stages import StageEnv
+    from guardrail.pipeline.caption_cache import CaptionCache
+    from guardrail.plugin.manager import PluginManager
+    from guardrail.plugin.protocols import StageEnv
 
     env = StageEnv(engine=engine, captions=CaptionCache(4096), plugins=(plugins or PluginManager()).load())
     layers = list(range(engine.adapter.num_layers))

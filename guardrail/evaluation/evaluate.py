@@ -70,12 +70,12 @@ def run_eval(cfg: EvalConfig, adapter: Any = None, log: Callable[[str], None] = 
     cfg.out. Returns report.json's content. `adapter` reuses an already loaded model."""
     from tqdm.auto import tqdm
 
-    from guardrail.artifacts import load_artifacts
+    from guardrail.method.artifacts import load_artifacts
     from guardrail.models import load_model
     from guardrail.pipeline import Guardrail
-    from guardrail.plugins import PluginManager
+    from guardrail.plugin.manager import PluginManager
     from guardrail.policy import load_policy
-    from guardrail.transformers_backend import TransformersBackend
+    from guardrail.engine.transformers import TransformersBackend
 
     items = load_items(cfg)
     base_policy = load_policy(cfg.policy)

@@ -170,6 +170,6 @@ def load_judge(name: str = "rules", plugins: Any = None, params: dict[str, Any] 
     """A judge by name: `rules` is built in; others come from `guardrail_register_judges`."""
     if name == "rules" and not params and plugins is None:
         return RuleJudge()
-    from guardrail.plugins import PluginManager
+    from guardrail.plugin.manager import PluginManager
 
     return (plugins or PluginManager()).create("judges", name, params or {})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable, Sequence
 
-from guardrail.risk_math import auroc
+from guardrail.method.risk_math import auroc
 
 
 def rate(flags: Iterable[bool]) -> float | None:

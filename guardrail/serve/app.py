@@ -25,7 +25,7 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from guardrail.batching import MicroBatcher
+from guardrail.pipeline.batching import MicroBatcher
 from guardrail.errors import GuardrailError, InputError, OverloadedError
 from guardrail.serve import openai_format as fmt
 from guardrail.serve.metrics import Metrics

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from guardrail import hookimpl
-from guardrail.stages import RiskNeeds, Score
+from guardrail.plugin.protocols import RiskNeeds, Score
 from guardrail.types import ChatRow, Reformulation
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from guardrail import hookimpl
-from guardrail.prompts import CAPTION_PROMPT
+from guardrail.method.prompts import CAPTION_PROMPT
 from guardrail.types import ChatRow
 
 

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 from guardrail import hookimpl
 from guardrail.errors import PolicyError
-from guardrail.prompts import risk_query
+from guardrail.method.prompts import risk_query
 from guardrail.types import ChatRow, Reformulation, RequestContext
 
 

@@ -16,9 +16,9 @@ import torch
 
 from guardrail import hookimpl
 from guardrail.errors import ArtifactError
-from guardrail.probes import LogisticProbe, MeanDifference
-from guardrail.risk_math import calibrated_risk
-from guardrail.stages import RiskNeeds, Score
+from guardrail.method.probes import LogisticProbe, MeanDifference
+from guardrail.method.risk_math import calibrated_risk
+from guardrail.plugin.protocols import RiskNeeds, Score
 
 
 class _HiddenStateAssessor(abc.ABC):

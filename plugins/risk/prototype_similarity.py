@@ -10,8 +10,8 @@ from typing import Any, Sequence
 
 from guardrail import hookimpl
 from guardrail.errors import ArtifactError
-from guardrail.risk_math import calibrated_risk, prototype_similarity
-from guardrail.stages import RiskNeeds, Score
+from guardrail.method.risk_math import calibrated_risk, prototype_similarity
+from guardrail.plugin.protocols import RiskNeeds, Score
 
 
 class PrototypeSimilarity:
