@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 import torch
 
 if TYPE_CHECKING:  # pragma: no cover
-    from guardrail.artifacts import Artifacts
+    from guardrail.method.artifacts import Artifacts
     from guardrail.types import ChatRow, Generation, SteeringPlan
 
 TokenCallback = Callable[[int, int], None]

@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from guardrail.prefix_cache import (
+from guardrail.engine.prefix_cache import (
     MROPE_FAMILIES,
     PrefixEntry,
     PrefixStore,

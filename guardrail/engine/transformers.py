@@ -8,7 +8,7 @@ hooks (additive steering); with no row steered, none of them is installed, and t
 hooks remove themselves after the last steered step, so later decode steps run no guard code.
 
 Inside a `prefix_scope()` (the pipeline opens one per batch) the caption, risk and answer passes of
-a request reuse one KV cache of their common image prefix (see `guardrail.prefix_cache`): the
+a request reuse one KV cache of their common image prefix (see `guardrail.engine.prefix_cache`): the
 vision encoder and the prefix run once per request, and the token ids stay those of the unshared
 path. Outside a scope, and for families that cannot share soundly, every pass runs in full.
 """
@@ -23,13 +23,13 @@ import torch
 from transformers import GenerationConfig, LogitsProcessorList
 from transformers.generation.streamers import BaseStreamer
 
-from guardrail.artifacts import Artifacts
-from guardrail.backend import RiskPass, TokenCallback
+from guardrail.method.artifacts import Artifacts
+from guardrail.engine.backend import RiskPass, TokenCallback
 from guardrail.errors import ArtifactError, ModelError
 from guardrail.models.base import ModelAdapter
-from guardrail.prefix_cache import PrefixStore, SharedBatch, sharing_supported
-from guardrail.prefix_sharing import PrefixSharing
-from guardrail.steering import (
+from guardrail.engine.prefix_cache import PrefixStore, SharedBatch, sharing_supported
+from guardrail.engine.prefix_sharing import PrefixSharing
+from guardrail.engine.hooks import (
     ForcedTokensProcessor,
     additive_rows,
     additive_steering,
@@ -106,7 +106,7 @@ class TransformersBackend:
 
     def _inputs(self, rows: Sequence[ChatRow], eligible: Sequence[bool] | None = None) -> tuple[dict[str, Any], SharedBatch | None]:
         """Generate inputs for a chunk: continuing from shared image prefixes where possible
-        (`guardrail.prefix_sharing`), else the plain encoded batch."""
+        (`guardrail.engine.prefix_sharing`), else the plain encoded batch."""
         shared = self.sharing.fast(rows, eligible)
         if shared is None:
             batch = self._encode(rows)

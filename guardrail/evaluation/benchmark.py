@@ -113,7 +113,7 @@ def ensure_artifacts(adapter: Any, cfg: BenchConfig, workdir: Path) -> Path:
     if cfg.artifacts is not None:
         return cfg.artifacts
     from guardrail.calibration import CalibrationConfig, calibrate, packaged_prompts
-    from guardrail.transformers_backend import TransformersBackend
+    from guardrail.engine.transformers import TransformersBackend
 
     out = workdir / "artifacts"
     with warnings.catch_warnings():
@@ -137,9 +137,9 @@ def write_policies(workdir: Path) -> Path:
 
 
 def make_guard(adapter: Any, artifacts: Path, policies: Path, cache_size: int, share: bool = True) -> Any:
-    from guardrail.artifacts import load_artifacts
+    from guardrail.method.artifacts import load_artifacts
     from guardrail.pipeline import Guardrail
-    from guardrail.transformers_backend import TransformersBackend
+    from guardrail.engine.transformers import TransformersBackend
 
     engine = TransformersBackend(adapter, load_artifacts(artifacts, adapter.fingerprint()))
     engine.share_prefixes = engine.share_prefixes and share
@@ -346,7 +346,7 @@ def rss_child(variant: str, cfg: BenchConfig, artifacts: Path, policies: Path) -
 def measure_rss(cfg: BenchConfig, artifacts: Path, policies: Path) -> dict[str, Any]:
     results = {}
     for variant in ("plain", "guarded"):
-        args = [sys.executable, "-m", "guardrail.benchmark", "--rss-child", variant, "--model", cfg.model,
+        args = [sys.executable, "-m", "guardrail.evaluation.benchmark", "--rss-child", variant, "--model", cfg.model,
                 "--threads", str(torch.get_num_threads()),
                 "--image-tokens", str(cfg.image_tokens), "--answer-tokens", str(cfg.answer_tokens),
                 "--batch", str(cfg.batch), "--artifacts", str(artifacts), "--policies", str(policies)]

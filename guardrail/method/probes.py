@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from guardrail.risk_math import auroc
+from guardrail.method.risk_math import auroc
 
 
 @dataclass(frozen=True)

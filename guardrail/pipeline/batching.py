@@ -26,9 +26,9 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from guardrail.aio import AsyncTextStream
+from guardrail.pipeline.aio import AsyncTextStream
 from guardrail.errors import OverloadedError
-from guardrail.streaming import _DONE, TextStream
+from guardrail.pipeline.streaming import _DONE, TextStream
 from guardrail.types import Request, Result
 
 if TYPE_CHECKING:  # pragma: no cover

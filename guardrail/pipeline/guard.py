@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 from guardrail.audit import AuditError, sha256_text
-from guardrail.backend import Backend, RiskPass
-from guardrail.caption_cache import CaptionCache
+from guardrail.engine.backend import Backend, RiskPass
+from guardrail.pipeline.caption_cache import CaptionCache
 from guardrail.errors import GuardrailError, InputError, PolicyError, StageError
 from guardrail.images import decode_image
-from guardrail.plugins import PluginManager
+from guardrail.plugin.manager import PluginManager
 from guardrail.policy import AssessorSpec, Policy
-from guardrail.stages import RiskAssessor, Score, StageEnv
+from guardrail.plugin.protocols import RiskAssessor, Score, StageEnv
 from guardrail.tenants import PolicySet, TenantRegistry
 from guardrail.types import (
     NO_STEERING,
@@ -97,9 +97,9 @@ class Guardrail:
         **kwargs: Any,
     ) -> "Guardrail":
         """Build a guard from a model spec (`smollm2`, `tiny-random:ARCH`, a local folder)."""
-        from guardrail.artifacts import load_artifacts
+        from guardrail.method.artifacts import load_artifacts
         from guardrail.models import load_model
-        from guardrail.transformers_backend import TransformersBackend
+        from guardrail.engine.transformers import TransformersBackend
 
         adapter = load_model(model, device=device)
         art = load_artifacts(artifacts, adapter.fingerprint()) if artifacts is not None else None
@@ -182,7 +182,7 @@ class Guardrail:
     def stream(self, request: Request | str, **fields: Any) -> "TextStream":
         """An iterator of text chunks; joined they equal `generate(request).text`. After the
         iteration ends, `.result` holds the Result (with the same audit fields)."""
-        from guardrail.streaming import TextStream
+        from guardrail.pipeline.streaming import TextStream
 
         req = request if isinstance(request, Request) else Request(text=request, **fields)
         return TextStream(self, req)
@@ -208,7 +208,7 @@ class Guardrail:
 
     def astream(self, request: Request | str, **fields: Any) -> "AsyncTextStream":
         """`async for chunk in guard.astream(...)`; `.result` after the loop, as with `stream`."""
-        from guardrail.aio import AsyncTextStream
+        from guardrail.pipeline.aio import AsyncTextStream
 
         return AsyncTextStream(lambda: self.stream(request, **fields))
 

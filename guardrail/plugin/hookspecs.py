@@ -7,7 +7,7 @@ Stages are *named implementations*: a policy says `reformulator: {use: visual_co
 plugin that registered `visual_context` builds it. The `guardrail_register_*` hooks are how a
 plugin adds names; each gets a `register(name, factory)` callable. A factory is called with the
 stage's `with:` parameters from the policy (as keyword arguments) and returns an object following
-the stage's Protocol in `guardrail.stages`.
+the stage's Protocol in `guardrail.plugin.protocols`.
 
 `guardrail_audit(record)` is different: it is a broadcast. Every implementation is called for every
 request, so an installed plugin can ship records wherever it likes.

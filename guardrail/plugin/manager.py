@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable
 
 import pluggy
 
-from guardrail import hookspecs
+from guardrail.plugin import hookspecs
 from guardrail.errors import PluginError
 
 GROUP = "guardrail"

@@ -2,7 +2,7 @@
 
 Stage objects are built per policy from the policy's parameters and must be stateless between
 requests (anything per-request travels in the arguments). The `env` argument carries the guard's
-services: `env.engine` is the generation backend (`guardrail.backend.Backend`), the only thing that
+services: `env.engine` is the generation backend (`guardrail.engine.backend.Backend`), the only thing that
 touches the model; `env.captions` the visual-context cache; `env.captioner(name, params)` builds a
 registered captioner.
 
@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Any, Protocol, Sequence, runtime_checkable
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
 
-    from guardrail.backend import Backend, RiskPass
-    from guardrail.caption_cache import CaptionCache
-    from guardrail.plugins import PluginManager
+    from guardrail.engine.backend import Backend, RiskPass
+    from guardrail.pipeline.caption_cache import CaptionCache
+    from guardrail.plugin.manager import PluginManager
     from guardrail.types import Reformulation, RequestContext, SteeringPlan
 
 
