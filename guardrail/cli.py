@@ -10,7 +10,7 @@ from typing import Sequence
 
 from guardrail.errors import GuardrailError
 
-COMMANDS = ["plugins", "policy", "generate", "calibrate", "serve", "data", "eval", "demo", "diagnose", "bench"]
+COMMANDS = ["plugins", "policy", "generate", "calibrate", "serve", "data", "eval", "demo", "diagnose", "bench", "crossval"]
 
 
 def build_parser() -> argparse.ArgumentParser:
