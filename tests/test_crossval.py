@@ -179,3 +179,12 @@ def test_command_refuses_unknown_assessors_and_formats(synthetic_data, tmp_path)
     assert main(base + ["--assessors", "nope"]) == 1
     assert main(base + ["--formats", "audio"]) == 1
     assert main(base + ["--sources", "delta"]) == 1  # not prepared: says to run guardrail data
+
+
+def test_frontier_edges_flag_at_most_the_target_share_of_benign_rows():
+    rows = [{"modality": "text", "label": "benign"}] * 99 + [{"modality": "text", "label": "harmful"}] * 10
+    risk = torch.tensor([i / 100 for i in range(99)] + [0.5] * 5 + [0.99] * 5)
+    points = cv.frontier(rows, risk, fprs=(0.05,))["text"]
+    assert points[0]["benign_refusal"] <= 0.05
+    assert points[0]["asr"] == 0.5  # the five harmful rows at 0.5 sit below the edge (0.94)
+    assert points[0]["edgy_refusal"] is None
