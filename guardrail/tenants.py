@@ -10,6 +10,12 @@ only) and a tenants map `tenants.yaml`:
     api_keys:                    # optional, for the HTTP server: sha256 of a key -> tenant
       3f1e...: acme
 
+Tenant ids are compared normalised (`normalise_tenant`: Unicode NFKC, surrounding whitespace
+stripped, case folded), so `Acme-Kids` and ` acme-kids` are the listed tenant `acme-kids` and never
+a stranger who falls through to `default_policy`; two keys of `tenants:` that are equal once
+normalised are refused. A tenant that is not listed at all gets `default_policy`, and `resolve()`
+says so (`Resolution.by_default`).
+
 `reload()` validates every file first and swaps the whole set in one assignment, so a request sees
 either the old set or the new one, never a mix; when anything is invalid the old set stays.
 """
@@ -19,7 +25,9 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import unicodedata
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -30,6 +38,13 @@ from guardrail.policy import Policy, load_policy, problems_from
 from guardrail.yaml_lines import load_yaml
 
 TENANTS_FILE = "tenants.yaml"
+MAX_TENANT_ID = 256  # characters; a tenant id is a name, and (listed) it becomes a metrics label
+
+
+def normalise_tenant(tenant: str) -> str:
+    """The form tenant ids are compared in: `Acme-Kids `, `ACME-KIDS` and full-width letters are
+    all `acme-kids`. Inner characters are the id's own and stay as they are."""
+    return unicodedata.normalize("NFKC", tenant).strip().casefold()
 
 
 class TenantsMap(BaseModel):
@@ -42,6 +57,27 @@ class TenantsMap(BaseModel):
 
 class UnknownTenantError(InputError):
     pass
+
+
+class Resolution(tuple):
+    """What `resolve()` returns: the `(tenant, policy)` pair it always returned (it unpacks and
+    compares as that tuple), plus `by_default`: True when the tenant is not listed and was given
+    `default_policy`, which the audit record and the HTTP verdict report."""
+
+    by_default: bool
+
+    def __new__(cls, tenant: str, policy: Policy, by_default: bool) -> "Resolution":
+        self = super().__new__(cls, (tenant, policy))
+        self.by_default = by_default
+        return self
+
+    @property
+    def tenant(self) -> str:
+        return self[0]
+
+    @property
+    def policy(self) -> Policy:
+        return self[1]
 
 
 @dataclass(frozen=True)
@@ -57,17 +93,31 @@ class PolicySet:
         blob = json.dumps(sorted(self.file_hashes.items())).encode()
         return hashlib.sha256(blob).hexdigest()
 
-    def resolve(self, tenant: str | None) -> tuple[str, Policy]:
+    @cached_property
+    def _listed(self) -> dict[str, str]:
+        """normalised id -> the id as tenants.yaml spells it (computed once per immutable set)."""
+        return {normalise_tenant(t): t for t in self.tenants.tenants}
+
+    def listed_tenant(self, tenant: str | None) -> str | None:
+        """The listed id a tenant string names (in tenants.yaml's spelling), or None."""
+        return self._listed.get(normalise_tenant(tenant)) if isinstance(tenant, str) else None
+
+    def is_listed(self, tenant: str | None) -> bool:
+        return self.listed_tenant(tenant) is not None
+
+    def resolve(self, tenant: str | None) -> Resolution:
         tenant_id = tenant or "default"
-        name = self.tenants.tenants.get(tenant_id)
+        listed = self.listed_tenant(tenant_id)
+        if listed is not None:
+            return Resolution(listed, self.policies[self.tenants.tenants[listed]], by_default=False)
+        name = self.tenants.default_policy
         if name is None:
-            name = self.tenants.default_policy
-            if name is None:
-                raise UnknownTenantError(f"unknown tenant {tenant_id!r} and no default_policy is configured")
-        return tenant_id, self.policies[name]
+            raise UnknownTenantError(f"unknown tenant {tenant_id!r} and no default_policy is configured")
+        return Resolution(tenant_id, self.policies[name], by_default=True)
 
     def tenant_for_api_key(self, key: str) -> str | None:
-        return self.tenants.api_keys.get(hashlib.sha256(key.encode()).hexdigest())
+        tenant = self.tenants.api_keys.get(hashlib.sha256(key.encode()).hexdigest())
+        return self.listed_tenant(tenant) or tenant
 
 
 def load_tenants_map(path: Path) -> TenantsMap:
@@ -96,13 +146,31 @@ def _check_routes(tmap: TenantsMap, names: set[str], path: Path) -> list[tuple[s
 
     if tmap.default_policy is not None and tmap.default_policy not in names:
         problems.append((str(path), line(("default_policy",)), f"default_policy {tmap.default_policy!r} is not a policy in {path.parent}"))
+    seen: dict[str, str] = {}
     for tenant, name in tmap.tenants.items():
+        where = line(("tenants", tenant))
+        problems.extend((str(path), where, m) for m in _tenant_id_problems(tenant, seen, lambda t: line(("tenants", t))))
         if name not in names:
-            problems.append((str(path), line(("tenants", tenant)), f"tenant {tenant!r} routes to unknown policy {name!r}"))
+            problems.append((str(path), where, f"tenant {tenant!r} routes to unknown policy {name!r}"))
     for key, tenant in tmap.api_keys.items():
-        if tenant not in tmap.tenants and tmap.default_policy is None:
+        if normalise_tenant(tenant) not in seen and tmap.default_policy is None:
             problems.append((str(path), line(("api_keys", key)), f"api key maps to unknown tenant {tenant!r}"))
     return problems
+
+
+def _tenant_id_problems(tenant: str, seen: dict[str, str], line: Callable[[str], int]) -> list[str]:
+    """What is wrong with one key of `tenants:`; `seen` collects the normalised ids so far."""
+    key = normalise_tenant(tenant)
+    if not key:
+        return [f"tenant id {tenant!r} is empty once surrounding whitespace is stripped"]
+    if len(tenant) > MAX_TENANT_ID:
+        return [f"tenant id {tenant[:32]!r}... is longer than {MAX_TENANT_ID} characters"]
+    if key in seen:
+        first = seen[key]
+        return [f"tenant {tenant!r} is the same id as {first!r} (line {line(first)}): ids are compared "
+                "without case and surrounding whitespace"]
+    seen[key] = tenant
+    return []
 
 
 def load_policy_set(directory: str | Path, known_stages: Mapping[str, set[str]] | None = None) -> PolicySet:
@@ -192,7 +260,7 @@ class TenantRegistry:
         """The policy set and its prepared runtime, consistent with each other."""
         return self._current
 
-    def resolve(self, tenant: str | None) -> tuple[str, Policy]:
+    def resolve(self, tenant: str | None) -> Resolution:
         return self._current[0].resolve(tenant)
 
     def reload(self) -> dict[str, Any]:
