@@ -308,7 +308,7 @@ def test_http_wrong_types_anywhere_are_4xx_with_a_message_never_500(http, data):
         (b'{"messages": [{"role": "user", "content": "\\ud800"}]}', 400, "not valid Unicode"),
         (b"\xff\xfe{}", 400, "not valid JSON"),
         (b"", 400, "not valid JSON"),
-        (json.dumps({"messages": USER, "max_tokens": 10**30}).encode(), 400, "max_new_tokens must be between 1 and 8"),
+        (json.dumps({"messages": USER, "max_tokens": 10**30}).encode(), 400, "max_tokens must be between 1 and 8 (the policy"),
         (json.dumps({"messages": USER, "max_tokens": 2.0}).encode(), 400, "max_tokens must be an integer, got float"),
         (json.dumps({"messages": [{"role": "user", "content": []}]}).encode(), 400, "empty prompt"),
     ],

@@ -177,7 +177,7 @@ def test_input_errors_from_the_guard_are_400_and_bad_bodies_too(served):
     c = client(served.url, "alpha")
     with pytest.raises(openai.BadRequestError, match="empty prompt"):
         c.chat.completions.create(model="tiny", messages=user("   "))
-    with pytest.raises(openai.BadRequestError, match="max_new_tokens must be between 1 and 256"):
+    with pytest.raises(openai.BadRequestError, match=r"max_tokens must be between 1 and 256 \(the policy.s limits.max_new_tokens\)"):
         c.chat.completions.create(model="tiny", messages=user("hi"), max_tokens=100_000)
     with pytest.raises(openai.BadRequestError, match="not a readable image"):
         c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": [

@@ -24,6 +24,12 @@ class ModelAdapter:
 
     family = "causal_lm"
     supports_images = False
+    # Image shape bounds (see guardrail.images.ImageShapeLimits). Photos, screenshots and documents
+    # stay well under 20:1; beyond it a processor that scales the short side up builds huge arrays,
+    # and one that crops to a square keeps almost nothing of the image anyway.
+    max_image_aspect_ratio = 20.0
+    # ~190 MB as float32 RGB, the most one image may cost the processor (four per request allowed).
+    max_processed_image_pixels = 16_000_000
 
     def __init__(self, model: nn.Module, tokenizer: Any, processor: Any | None = None, name: str = ""):
         self.model = model
@@ -55,6 +61,23 @@ class ModelAdapter:
         texts = [self.prompt_text(r) for r in rows]
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         return dict(enc)
+
+    # ----- image shapes --------------------------------------------------------------------------
+    def processed_image_size(self, width: int, height: int) -> tuple[int, int]:
+        """The (width, height) this model's preprocessing resizes a width x height image to. A
+        text-only model reads images through the OCR captioner, which gets the decoded image."""
+        return width, height
+
+    def image_shape_limits(self) -> Any:
+        """What the intake checks every image against before any model work (guardrail.images)."""
+        from guardrail.images import ImageShapeLimits
+
+        return ImageShapeLimits(
+            family=self.family,
+            max_aspect_ratio=self.max_image_aspect_ratio,
+            max_processed_pixels=self.max_processed_image_pixels,
+            processed_size=self.processed_image_size,
+        )
 
     # ----- where things live ---------------------------------------------------------------------
     def language_model(self) -> nn.Module:

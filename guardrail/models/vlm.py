@@ -94,6 +94,13 @@ def ensure_smolvlm_processor() -> None:
         processing_smolvlm.num2words = _num2words_fallback
 
 
+def _size_value(size: Any, key: str) -> Any:
+    """One entry of an image processor's `size` (a dict, or transformers' SizeDict)."""
+    if size is None:
+        return None
+    return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+
+
 # ----- the adapters --------------------------------------------------------------------------------
 class VLMAdapter(ModelAdapter):
     """Common ground of the VLM families; subclasses set the family's quirks as class attributes."""
@@ -204,6 +211,25 @@ class VLMAdapter(ModelAdapter):
                 return p.dtype
         return torch.float32
 
+    # ----- image shapes --------------------------------------------------------------------------
+    def processed_image_size(self, width: int, height: int) -> tuple[int, int]:
+        """What the family's image processor resizes to, read from its `size` setting: a fixed
+        height x width (PaliGemma), the shortest edge scaled up or down to S (LLaVA: the step that
+        turns a sliver into gigapixels, before the centre crop), or the longest edge to L (Idefics3)."""
+        size = getattr(getattr(self.processor, "image_processor", None), "size", None)
+        fixed_h, fixed_w = _size_value(size, "height"), _size_value(size, "width")
+        if fixed_h and fixed_w:
+            return int(fixed_w), int(fixed_h)
+        shortest, longest = _size_value(size, "shortest_edge"), _size_value(size, "longest_edge")
+        if shortest:  # as CLIP's get_resize_output_image_size: short side S, long side truncated
+            short, long = min(width, height), max(width, height)
+            scaled_long = int(shortest * long / short)
+            return (scaled_long, int(shortest)) if width >= height else (int(shortest), scaled_long)
+        if longest:
+            scale = longest / max(width, height)
+            return max(1, int(width * scale)), max(1, int(height * scale))
+        return width, height
+
     # ----- where things live ---------------------------------------------------------------------
     def language_model(self) -> nn.Module:
         inner = getattr(self.model, "model", None)
@@ -231,6 +257,17 @@ class LlavaAdapter(VLMAdapter):
 class LlavaNextAdapter(VLMAdapter):
     family = "llava_next"
 
+    def processed_image_size(self, width: int, height: int) -> tuple[int, int]:
+        """Any-res: the image is fitted into the best of the processor's grid pinpoints (plus a
+        base tile of the shortest edge), so what it builds is bounded by the largest pinpoint."""
+        from transformers.image_processing_utils import select_best_resolution
+
+        pinpoints = getattr(self.processor.image_processor, "image_grid_pinpoints", None)
+        if not pinpoints:
+            return super().processed_image_size(width, height)
+        best_h, best_w = select_best_resolution((height, width), [tuple(p) for p in pinpoints])
+        return int(best_w), int(best_h)
+
 
 class Qwen2VLAdapter(VLMAdapter):
     """The processor returns `mm_token_type_ids`, which M-RoPE needs (without it transformers 5.x
@@ -238,6 +275,20 @@ class Qwen2VLAdapter(VLMAdapter):
 
     family = "qwen2_vl"
     vision_attrs = ("visual",)
+    max_image_aspect_ratio = 200.0  # Qwen's smart_resize keeps pixels within max_pixels up to 200:1 (its own bound)
+
+    def processed_image_size(self, width: int, height: int) -> tuple[int, int]:
+        """The processor's own smart_resize: sides a multiple of patch x merge, pixels within
+        [min_pixels, max_pixels] (stored as the size's shortest and longest edge)."""
+        import importlib
+
+        ip = self.processor.image_processor
+        smart_resize = importlib.import_module(type(ip).__module__).smart_resize
+        h, w = smart_resize(
+            height, width, factor=ip.patch_size * ip.merge_size,
+            min_pixels=_size_value(ip.size, "shortest_edge"), max_pixels=_size_value(ip.size, "longest_edge"),
+        )
+        return int(w), int(h)
 
     def encode(self, rows: Sequence[ChatRow]) -> dict[str, torch.Tensor]:
         batch = super().encode(rows)

@@ -64,6 +64,8 @@ class ChatRequest:
     max_new_tokens: int | None
     stream: bool
     include_usage: bool
+    image_fields: tuple[str, ...] = ()  # where each image came from (`messages[0].content[1].image_url.url`)
+    max_tokens_field: str = "max_tokens"  # which of max_completion_tokens / max_tokens set max_new_tokens
 
 
 def _type_name(value: Any) -> str:
@@ -115,9 +117,9 @@ def parse_chat(body: Any) -> ChatRequest:
     n = _int_field(body, "n")
     if n not in (None, 1):
         raise BadRequest("n must be 1: guardrail decodes greedily, so every choice would be the same", "n")
-    max_new = _int_field(body, "max_completion_tokens")
+    max_new, max_field = _int_field(body, "max_completion_tokens"), "max_completion_tokens"
     if max_new is None:
-        max_new = _int_field(body, "max_tokens")
+        max_new, max_field = _int_field(body, "max_tokens"), "max_tokens"
     stream = body.get("stream")
     if stream is not None:
         _expect(stream, bool, "stream", "a boolean")
@@ -127,18 +129,20 @@ def parse_chat(body: Any) -> ChatRequest:
         _expect(options, dict, "stream_options", "an object")
         include_usage = options.get("include_usage", False)
         _expect(include_usage, bool, "stream_options.include_usage", "a boolean")
-    text, images = parse_messages(body.get("messages"))
-    return ChatRequest(text=text, images=images, max_new_tokens=max_new, stream=bool(stream), include_usage=include_usage)
+    text, images, fields = parse_messages(body.get("messages"))
+    return ChatRequest(text=text, images=images, max_new_tokens=max_new, stream=bool(stream),
+                       include_usage=include_usage, image_fields=fields, max_tokens_field=max_field)
 
 
-def parse_messages(messages: Any) -> tuple[str, tuple[bytes | RemoteImage, ...]]:
+def parse_messages(messages: Any) -> tuple[str, tuple[bytes | RemoteImage, ...], tuple[str, ...]]:
+    """(flattened text, images, the field each image came from)."""
     if messages is None:
         raise BadRequest("messages is required", "messages")
     _expect(messages, list, "messages", "an array of messages")
     if not messages:
         raise BadRequest("messages must not be empty", "messages")
     turns: list[tuple[str, str]] = []
-    images: list[bytes | RemoteImage] = []
+    images: list[tuple[bytes | RemoteImage, str]] = []
     for i, message in enumerate(messages):
         field = f"messages[{i}]"
         _expect(message, dict, field, "an object")
@@ -152,10 +156,10 @@ def parse_messages(messages: Any) -> tuple[str, tuple[bytes | RemoteImage, ...]]
     if turns[-1][0] != "user":
         field = f"messages[{len(turns) - 1}].role"
         raise BadRequest(f"{field} must be 'user': the last message is the one answered, got {turns[-1][0]!r}", field)
-    return flatten(turns), tuple(images)
+    return flatten(turns), tuple(img for img, _ in images), tuple(f for _, f in images)
 
 
-def _parse_content(content: Any, field: str, role: str) -> tuple[str, list[bytes | RemoteImage]]:
+def _parse_content(content: Any, field: str, role: str) -> tuple[str, list[tuple[bytes | RemoteImage, str]]]:
     if content is None:
         if role == "assistant":
             return "", []
@@ -164,7 +168,7 @@ def _parse_content(content: Any, field: str, role: str) -> tuple[str, list[bytes
         return content, []
     _expect(content, list, field, "a string or an array of content parts")
     texts: list[str] = []
-    images: list[bytes | RemoteImage] = []
+    images: list[tuple[bytes | RemoteImage, str]] = []
     for j, part in enumerate(content):
         pfield = f"{field}[{j}]"
         _expect(part, dict, pfield, "an object")
@@ -176,7 +180,9 @@ def _parse_content(content: Any, field: str, role: str) -> tuple[str, list[bytes
         elif kind == "image_url":
             if role != "user":
                 raise BadRequest(f"{pfield}: images are accepted only in user messages", pfield)
-            images.append(parse_image_url(part.get("image_url"), f"{pfield}.image_url"))
+            value = part.get("image_url")
+            url_field = f"{pfield}.image_url" + (".url" if isinstance(value, dict) else "")
+            images.append((parse_image_url(value, f"{pfield}.image_url"), url_field))
         else:
             raise BadRequest(f"{pfield}.type {kind!r} is not supported (use 'text' or 'image_url')", f"{pfield}.type")
     return "\n".join(texts), images
@@ -290,6 +296,11 @@ def chunk(
     }
     out.update(extra)
     return out
+
+
+def model_card(model: str) -> dict[str, Any]:
+    """One entry of `GET /v1/models`."""
+    return {"id": model, "object": "model", "created": 0, "owned_by": "guardrail"}
 
 
 def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> dict[str, Any]:
