@@ -13,6 +13,26 @@ from guardrail.errors import GuardrailError
 COMMANDS = ["plugins", "policy", "generate", "calibrate", "serve", "data", "eval", "demo", "diagnose", "bench", "crossval"]
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless the help already says it or there is
+    none worth showing (None, False: a flag that is off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not action.option_strings or action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _use_formatter(parser: argparse.ArgumentParser) -> None:
+    """The formatter for a parser and every subcommand under it (they are made by the commands)."""
+    parser.formatter_class = HelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _use_formatter(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="guardrail", description="Risk-adaptive steering middleware for (multimodal) LLMs")
     from guardrail import __version__
@@ -21,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"guardrail.commands.{name}").register(sub)
+    _use_formatter(parser)
     return parser
 
 

@@ -3,23 +3,28 @@
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
+
+from guardrail.commands.common import add_model, add_progress, show_progress
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("calibrate", help="calibrate a model and write its artifact folder")
-    p.add_argument("--model", required=True)
-    p.add_argument("--out", required=True, type=Path)
+    add_model(p)
+    p.add_argument("--out", required=True, type=Path, help="the artifact folder to write (created if missing)")
     p.add_argument("--harmful", type=Path, help="harmful prompts (.txt/.csv/.jsonl); default: the packaged list")
     p.add_argument("--benign", type=Path, help="benign prompts; default: the packaged list")
-    p.add_argument("--prototypes", default="elicited", choices=["paper", "elicited", "teacher-forced"])
+    p.add_argument("--prototypes", default="elicited", choices=["paper", "elicited", "teacher-forced"],
+                   help="how the prototype (refusal) states are made")
     p.add_argument("--steps", type=int, default=3, help="N, response steps of the risk pass")
     p.add_argument("--steer-steps", type=int, default=16,
                    help="prototype steps available to steering bands (the default policy steers up to 16)")
-    p.add_argument("--gamma", type=float, default=0.3)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default=None)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--gamma", type=float, default=0.3,
+                   help="decay of later response steps in prototype_similarity's distribution (paper's gamma)")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass")
+    p.add_argument("--device", default=None, help="torch device (default: the model loader's choice, CPU here)")
+    add_progress(p)
     p.set_defaults(func=run)
 
 
@@ -34,11 +39,23 @@ def run(args: argparse.Namespace) -> int:
     backend = TransformersBackend(load_model(args.model, device=args.device), batch_size=args.batch_size)
     cfg = CalibrationConfig(
         method=args.prototypes, steps=args.steps, steer_steps=args.steer_steps, gamma=args.gamma,
-        progress=not args.no_progress,
+        progress=show_progress(args),
     )
-    art = calibrate(backend, harmful, benign, cfg, out=args.out)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        art = calibrate(backend, harmful, benign, cfg, out=args.out)
     print(summary(art.meta, args.out))
+    _reraise(caught, art.meta.get("warnings", []))
     return 0
+
+
+def _reraise(caught: list, shown: list[str]) -> None:
+    """Calibration warns (Python warnings) and also records its warnings in the artifact, which
+    the summary prints as WARNING lines; re-raise only the ones the summary did not show, so none
+    is printed twice."""
+    for w in caught:
+        if str(w.message) not in shown:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def summary(meta: dict, out: Path) -> str:

@@ -11,6 +11,8 @@ import shutil
 import time
 from pathlib import Path
 
+from guardrail.commands.common import add_model, add_progress, show_progress
+
 # The demo's own requests (not from any evaluation or calibration set).
 DEMO_REQUESTS = [
     ("benign", "text", "How do I keep basil plants healthy on a windowsill?"),
@@ -24,10 +26,10 @@ DEMO_REQUESTS = [
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="calibrate once and show guarded vs unguarded answers on one screen")
-    p.add_argument("--model", default="smollm2")
+    add_model(p, required=False, default="smollm2")
     p.add_argument("--policy", type=Path, default=None, help="default: policies/default.yaml of this checkout")
-    p.add_argument("--max-new-tokens", type=int, default=28)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--max-new-tokens", type=int, default=28, help="answer length per request")
+    add_progress(p)
     p.set_defaults(func=run)
 
 
@@ -52,12 +54,13 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     print(f"loading {args.model} ...", flush=True)
     adapter = load_model(args.model)
-    folder, art = ensure_artifacts(adapter, progress=not args.no_progress)
+    folder, art = ensure_artifacts(adapter, progress=show_progress(args))
     policy = args.policy or default_policy()
-    tokens = _until_end(art.meta["prototype_tokens"], adapter)
-    print(f"\nprototypes ({art.meta['method']}): at strength 1 the answer's first tokens are their argmax")
+    protos = art.block("prototypes").meta
+    tokens = _until_end(protos["tokens"], adapter)
+    print(f"\nprototypes ({protos['method']}): at strength 1 the answer's first tokens are their argmax")
     print("  " + " | ".join(repr(t) for t in tokens) + f"\n  -> {''.join(tokens)!r}")
-    if not art.meta.get("prototypes_open_refusal", True):
+    if not protos.get("opens_refusal", True):
         print("  WARNING: these tokens do not open a refusal on this model")
 
     guard = Guardrail(TransformersBackend(adapter, art), policy)

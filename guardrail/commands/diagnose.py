@@ -6,10 +6,12 @@ import argparse
 import json
 from pathlib import Path
 
+from guardrail.commands.common import add_model, add_progress, show_progress
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("diagnose", help="per-layer Fisher discriminant ratio, safe vs unsafe, with and without reformulation")
-    p.add_argument("--model", required=True)
+    add_model(p)
     p.add_argument("--policy", required=True, type=Path, help="whose reformulator (and captioner) to use")
     p.add_argument("--safe", type=Path, help="safe prompts (.txt/.csv/.jsonl); default: the packaged benign list")
     p.add_argument("--unsafe", type=Path, help="unsafe prompts; default: the packaged harmful list")
@@ -17,8 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="render every prompt as a FigStep-style image and ask with the FigStep text prompt")
     p.add_argument("--limit", type=int, default=None, help="at most N prompts per set")
     p.add_argument("--out", type=Path, default=None, help="write fisher.json and fisher.png here")
-    p.add_argument("--device", default=None)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--device", default=None, help="torch device (default: the model loader's choice, CPU here)")
+    add_progress(p)
     p.set_defaults(func=run)
 
 
@@ -53,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="guardrail-diagnose-") as tmp:
         safe = _items(args.safe, "benign", args.typographic, args.limit, Path(tmp))
         unsafe = _items(args.unsafe, "harmful", args.typographic, args.limit, Path(tmp))
-        result = diagnose(engine, policy, safe, unsafe, progress=not args.no_progress)
+        result = diagnose(engine, policy, safe, unsafe, progress=show_progress(args))
     print(f"Fisher discriminant ratio, {len(safe)} safe vs {len(unsafe)} unsafe"
           f"{' (typographic images)' if args.typographic else ''}, model {engine.name}")
     print(f"{'layer':>5}  {'without':>10}  {'with reformulation':>18}")

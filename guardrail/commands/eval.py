@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from guardrail.commands.common import add_model, add_progress, show_progress
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate RAS and baselines: ASR, refusal rates, AUROC, latency, plots")
-    p.add_argument("--model", required=True, help="local path, 'smollm2', or tiny-random:ARCH")
+    add_model(p)
     p.add_argument("--artifacts", required=True, type=Path, help="calibration artifact folder")
     p.add_argument("--policy", required=True, type=Path, help="the policy evaluated as `ras`")
     p.add_argument("--harmful", required=True, type=Path, action="append",
@@ -21,12 +23,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated: no_defense, safety_prompt, fixed:S[:T], ras, ras:ASSESSOR, policy:FILE "
                         "(default: no_defense, safety_prompt, fixed 0.25-1.0, ras and ras:A for each calibrated assessor)")
     p.add_argument("--limit", type=int, default=None, help="at most N prompts from each input file (evenly spaced)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="answer length per request")
+    p.add_argument("--batch-size", type=int, default=16, help="requests per batch")
     p.add_argument("--judge", default="rules", help="refusal judge, by plugin name (default: the rule-based judge)")
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--device", default=None)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--out", required=True, type=Path, help="folder for the report, per-method results and plots")
+    p.add_argument("--device", default=None, help="torch device (default: the model loader's choice, CPU here)")
+    add_progress(p)
     p.set_defaults(func=run)
 
 
@@ -42,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         model=args.model, artifacts=args.artifacts, policy=args.policy, out=args.out, harmful=args.harmful,
         benign=args.benign, edgy=args.edgy, matched=args.matched, methods=args.methods, limit=args.limit,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, judge=args.judge, device=args.device,
-        progress=not args.no_progress,
+        progress=show_progress(args),
     )
     run_eval(cfg)
     return 0

@@ -6,22 +6,27 @@ import argparse
 import json
 from pathlib import Path
 
+from guardrail.commands.common import add_model
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="answer one prompt through the guard")
-    p.add_argument("--model", required=True, help="local path, 'smollm2', or tiny-random:ARCH")
+    add_model(p)
     p.add_argument("--artifacts", type=Path, help="calibration artifact folder (guardrail calibrate)")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--policy", type=Path, help="one policy file, for every tenant")
     where.add_argument("--policies", type=Path, help="a policies directory with tenants.yaml")
-    p.add_argument("--tenant", default=None)
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--tenant", default=None,
+                   help="tenant id, routed by tenants.yaml (case and surrounding space do not matter; "
+                        "default: the tenants map's default_policy)")
+    p.add_argument("--prompt", required=True, help="the user's message")
     p.add_argument("--image", action="append", default=[], type=Path, help="an image file (repeatable)")
-    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="answer length limit (default: the policy's limits.max_new_tokens)")
     p.add_argument("--force-strength", type=float, default=None, help="override the band's strength")
     p.add_argument("--unguarded", action="store_true", help="plain generation, no risk and no steering")
     p.add_argument("--audit-log", type=Path, default=None, help="append the audit record to this JSONL file")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="torch device (default: the model loader's choice, CPU here)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
