@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Union
+from typing import TYPE_CHECKING, Any, Union
+
+from guardrail.engine.interventions import NO_STEERING, SteeringPlan  # noqa: F401  (part of the request values)
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -72,24 +74,6 @@ class RiskAssessment:
     raw: dict[str, float] = field(default_factory=dict)  # each assessor's uncalibrated statistic
 
 
-SteeringMode = Literal["none", "prototype_interpolation", "refusal_direction"]
-
-
-@dataclass(frozen=True)
-class SteeringPlan:
-    """How to generate one row. strength 0 or mode "none" means: do not touch the model."""
-
-    mode: str = "none"
-    strength: float = 0.0
-    tokens: int = 3  # response positions to steer (prototype interpolation)
-    params: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def active(self) -> bool:
-        return self.mode != "none" and self.strength > 0.0
-
-
-NO_STEERING = SteeringPlan()
 
 
 @dataclass(frozen=True)
@@ -128,6 +112,17 @@ class Result:
         return out
 
 
+@dataclass(frozen=True)
+class RequestView:
+    """What a stage sees of one request: read-only (the pipeline's working state stays its own)."""
+
+    request: Request
+    tenant: str
+    policy: "Policy"
+    images: tuple[DecodedImage, ...]
+    reformulation: Reformulation | None = None
+
+
 @dataclass
 class RequestContext:
     """Per-request working state; created by the pipeline, never shared between requests."""
@@ -149,3 +144,8 @@ class RequestContext:
     degraded: bool = False
     done: bool = False  # a refusal or an error already produced the final text
     assess_only: bool = False
+    by_default: bool = False  # the tenant is not listed: its policy is the tenants map's default_policy
+    spans: list[tuple[str, int, int, str | None]] = field(default_factory=list)  # (stage, start, end ns, error)
+
+    def view(self) -> RequestView:
+        return RequestView(self.request, self.tenant, self.policy, tuple(self.images), self.reformulation)

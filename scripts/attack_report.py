@@ -267,7 +267,8 @@ def artifact_meta(folder: Path) -> dict:
         f"{data.get('harmful', '?')} harmful / {data.get('benign', '?')} benign prompts, sha256 "
         f"{str(data.get('harmful_sha256', '?'))[:12]} / {str(data.get('benign_sha256', '?'))[:12]}"
     )
-    return {"created": meta.get("created", "?"), "method": meta.get("method", "?"), "commit": commit, "calibration": calibration}
+    method = meta.get("blocks", {}).get("prototypes", {}).get("meta", {}).get("method", "?")
+    return {"created": meta.get("created", "?"), "method": method, "commit": commit, "calibration": calibration}
 
 
 def main(argv: list[str] | None = None) -> int:

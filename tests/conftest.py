@@ -86,3 +86,47 @@ def png_bytes(image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
+
+
+# ----- steering plans and artifacts built the way the plugins build them --------------------------
+def mechanics_blocks(prototypes=None, logits=None, directions=None, midpoints=None, layer: int = 0):
+    """Artifact blocks from raw tensors (what the prototypes and mean_difference calibrators write)."""
+    from guardrail.method.artifacts import Block
+
+    blocks = {}
+    if prototypes is not None:
+        blocks["prototypes"] = Block(1, {"method": "test"}, {"states": prototypes, "logits": logits},
+                                     {"states": (None, "hidden"), "logits": (None, "vocab")})
+    if directions is not None:
+        mids = midpoints if midpoints is not None else torch.zeros_like(directions)
+        blocks["mean_difference"] = Block(1, {"layer": layer, "s_base": 0.0, "alpha": 1.0},
+                                          {"directions": directions, "midpoints": mids},
+                                          {"directions": ("layers", "hidden"), "midpoints": ("layers", "hidden")})
+    return blocks
+
+
+def artifacts_of(**tensors):
+    from guardrail.method.artifacts import Artifacts
+
+    return Artifacts.from_blocks({}, mechanics_blocks(**tensors))
+
+
+def proto_plan(art, strength: float, tokens: int):
+    """The plan `prototype_interpolation` makes at this strength (empty at 0)."""
+    from guardrail.engine.interventions import NO_STEERING, LogitInterpolation, SteeringPlan
+    from guardrail_plugins.steering.prototypes import PrototypeView
+
+    if strength <= 0:
+        return NO_STEERING
+    view = PrototypeView.of(art.block("prototypes"))
+    return SteeringPlan((LogitInterpolation(strength, tokens, view.logits, view.states),), strength, tokens,
+                        "prototype_interpolation")
+
+
+def direction_plan(art, strength: float, layers, coefficient: float = 1.0):
+    """The plan `refusal_direction` makes: strength · coefficient · the mean_difference directions."""
+    from guardrail.engine.interventions import AdditiveDirection, SteeringPlan
+
+    vectors = art.block("mean_difference").tensor("directions")[list(layers)]
+    return SteeringPlan((AdditiveDirection(tuple(layers), vectors, strength * coefficient),), strength, 3,
+                        "refusal_direction")

@@ -26,6 +26,9 @@ import torch
 from guardrail import hookimpl
 from guardrail.method.artifacts import load_artifacts, save_artifacts
 from guardrail.plugin.protocols import RiskNeeds, Score
+from conftest import mechanics_blocks
+from guardrail.engine.interventions import LogitInterpolation
+from guardrail.errors import ArtifactError
 from guardrail.types import ChatRow, Reformulation, SteeringPlan
 
 FAULTS = ("none", "raise", "hang")
@@ -99,14 +102,24 @@ class FaultAssessor:
 class FaultController:
     """Prototype interpolation, like the built-in controller, with a fault on demand."""
 
+    interventions = (LogitInterpolation,)
+
     def __init__(self, plugin: "FaultPlugin", fault: str = "none"):
         self.plugin, self.fault = plugin, _check_fault(fault)
+        self.targets: Any = None
+
+    def check(self, env: Any, policy: Any) -> None:
+        if env.artifacts is not None:
+            self.targets = env.artifacts.block("prototypes")
 
     def plan(self, strength: float, tokens: int) -> SteeringPlan:
-        _inject(self.fault, "steer", self.plugin.release)
+        _inject(self.fault, "decide", self.plugin.release)
         if strength <= 0.0:
             return SteeringPlan()
-        return SteeringPlan(mode="prototype_interpolation", strength=float(strength), tokens=int(tokens))
+        if self.targets is None:
+            raise ArtifactError("fault_controller steers toward the artifact's prototypes; none was given")
+        step = LogitInterpolation(float(strength), int(tokens), self.targets.tensor("logits"), self.targets.tensor("states"))
+        return SteeringPlan((step,), float(strength), int(tokens), "fault_controller")
 
 
 @dataclass
@@ -213,14 +226,10 @@ def random_artifacts(adapter: Any, directory: Path, steps: int = 8, seed: int = 
     d, vocab, layers = fp["hidden_size"], fp["vocab_size"], fp["num_layers"]
     gen = torch.Generator().manual_seed(seed)
     prototypes = torch.randn(steps, d, generator=gen)
-    tensors = {
-        "prototypes": prototypes,
-        "prototype_logits": torch.randn(steps, vocab, generator=gen) * 5.0,
-        "directions": torch.randn(layers, d, generator=gen),
-        "midpoints": torch.randn(layers, d, generator=gen),
-    }
-    meta = {"model": adapter.name, "fingerprint": fp, "method": "random (test)", "steps": 3, "assessors": {}}
-    save_artifacts(directory, tensors, meta)
+    blocks = mechanics_blocks(prototypes=prototypes, logits=torch.randn(steps, vocab, generator=gen) * 5.0,
+                              directions=torch.randn(layers, d, generator=gen), midpoints=torch.randn(layers, d, generator=gen))
+    meta = {"model": adapter.name, "fingerprint": fp, "method": "random (test)", "steps": 3}
+    save_artifacts(directory, blocks, meta)
     return load_artifacts(directory, fp)
 
 

@@ -8,16 +8,18 @@ import shutil
 import pytest
 import torch
 
-from conftest import tiny_adapter, tiny_artifacts
+from conftest import mechanics_blocks, tiny_adapter, tiny_artifacts
 from guardrail.method.artifacts import SIDECAR, TENSORS, load_artifacts, save_artifacts
 from guardrail.errors import ArtifactError
 
 
-def test_round_trip_keeps_tensors_and_meta(tmp_path):
-    tensors = {"prototypes": torch.randn(3, 8), "prototype_logits": torch.randn(3, 20)}
-    save_artifacts(tmp_path, tensors, {"fingerprint": {"hidden_size": 8}, "assessors": {}})
+def test_round_trip_keeps_blocks_tensors_and_meta(tmp_path):
+    states, logits = torch.randn(3, 8), torch.randn(3, 20)
+    save_artifacts(tmp_path, mechanics_blocks(prototypes=states, logits=logits), {"fingerprint": {"hidden_size": 8}})
     art = load_artifacts(tmp_path)
-    assert torch.equal(art.prototypes, tensors["prototypes"])
+    block = art.block("prototypes")
+    assert torch.equal(block.tensor("states"), states) and torch.equal(block.tensor("logits"), logits)
+    assert block.version == 1 and block.meta == {"method": "test"}
     assert art.meta["fingerprint"] == {"hidden_size": 8}
     assert len(art.meta["tensors_sha256"]) == 64
 
@@ -26,13 +28,15 @@ def test_calibration_artifact_loads_for_its_model(art_root):
     adapter = tiny_adapter("llama")
     art = load_artifacts(tiny_artifacts("llama", art_root), adapter.fingerprint())
     meta = art.meta
-    for key in ("fingerprint", "method", "steps", "gamma", "assessors", "data", "library_version", "tensors_sha256"):
+    for key in ("fingerprint", "steps", "gamma", "blocks", "data", "library_version", "tensors_sha256"):
         assert key in meta
     assert meta["steps"] == 3 and meta["gamma"] == 0.3
-    assert set(meta["assessors"]) == {"prototype_similarity", "mean_difference", "linear_probe"}
-    assert art.prototypes.shape == (16, adapter.hidden_size)
-    assert art.prototype_logits.shape == (16, adapter.vocab_size)
-    assert len(meta["prototype_tokens"]) == 16
+    # one block per registered calibrator, each written by the plugin that reads it
+    assert set(art.blocks()) == {"prototypes", "prototype_similarity", "mean_difference", "linear_probe"}
+    protos = art.block("prototypes")
+    assert protos.tensor("states").shape == (16, adapter.hidden_size)
+    assert protos.tensor("logits").shape == (16, adapter.vocab_size)
+    assert len(protos.meta["tokens"]) == 16
 
 
 def test_artifact_of_another_model_is_refused(art_root):
@@ -68,7 +72,7 @@ def test_edited_sidecar_is_refused(art_root, tmp_path):
     dst = tmp_path / "edited"
     shutil.copytree(tiny_artifacts("llama", art_root), dst)
     meta = json.loads((dst / SIDECAR).read_text())
-    meta["assessors"]["prototype_similarity"]["s_base"] = 0.0
+    meta["blocks"]["prototype_similarity"]["meta"]["s_base"] = 0.0
     (dst / SIDECAR).write_text(json.dumps(meta))
     with pytest.raises(ArtifactError, match="modified after calibration"):
         load_artifacts(dst)
@@ -77,9 +81,9 @@ def test_edited_sidecar_is_refused(art_root, tmp_path):
 def test_wrong_size_steering_tensor_is_refused(tmp_path):
     adapter = tiny_adapter("llama")
     fp = adapter.fingerprint()
-    tensors = {"prototypes": torch.randn(3, fp["hidden_size"] + 1), "prototype_logits": torch.randn(3, fp["vocab_size"])}
-    save_artifacts(tmp_path, tensors, {"fingerprint": fp, "assessors": {}})
-    with pytest.raises(ArtifactError, match="'prototypes' has shape"):
+    blocks = mechanics_blocks(prototypes=torch.randn(3, fp["hidden_size"] + 1), logits=torch.randn(3, fp["vocab_size"]))
+    save_artifacts(tmp_path, blocks, {"fingerprint": fp})
+    with pytest.raises(ArtifactError, match="'prototypes/states' has shape"):
         load_artifacts(tmp_path, fp)
 
 

@@ -15,7 +15,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from json_mutation import json_values, paths, replaced
+from conftest import mechanics_blocks
 from fault_plugins import random_artifacts
+from guardrail_plugins.risk.hidden_state import MeanDifferenceParams
+from guardrail_plugins.steering.prototypes import PrototypeView
 from guardrail.method.artifacts import SIDECAR, TENSORS, _sidecar_digest, load_artifacts, save_artifacts
 from guardrail.errors import ArtifactError
 
@@ -93,7 +96,8 @@ def test_a_consistently_rehashed_sidecar_with_any_edit_loads_or_is_refused(good,
     resign(folder, edited)
     try:
         art = load_artifacts(folder, adapter.fingerprint())
-        art.assessor("prototype_similarity")
+        PrototypeView.of(art.block("prototypes"))
+        MeanDifferenceParams.of(art.block("mean_difference"))
     except ArtifactError as exc:
         assert str(exc).strip()
 
@@ -104,7 +108,7 @@ def test_tensors_loaded_are_the_bytes_that_were_hashed(good, adapter, tmp_path, 
     import guardrail.method.artifacts as artifacts_module
 
     folder = copy(good, tmp_path, "swap")
-    original = load_artifacts(folder).tensors["prototypes"].clone()
+    original = load_artifacts(folder).tensors["prototypes/states"].clone()
     tampered = {k: v + 1.0 for k, v in load_artifacts(folder).tensors.items()}
     swapped = tmp_path / "tampered.safetensors"
     from safetensors.torch import save_file
@@ -131,7 +135,7 @@ def test_tensors_loaded_are_the_bytes_that_were_hashed(good, adapter, tmp_path, 
         art = load_artifacts(folder, adapter.fingerprint())
     except ArtifactError:
         return  # refusing is fine too
-    assert torch.equal(art.tensors["prototypes"], original)
+    assert torch.equal(art.tensors["prototypes/states"], original)
 
 
 # ----- another model, wrong sizes --------------------------------------------------------------
@@ -154,38 +158,50 @@ def test_artifact_of_another_seed_is_refused_by_the_guard_at_startup(good, tmp_p
         Guardrail.from_model("tiny-random:llama:3", tmp_path / "p.yaml", artifacts=good)
 
 
-def _shapes(fp: dict) -> dict[str, tuple[int, ...]]:
-    d, vocab, layers = fp["hidden_size"], fp["vocab_size"], fp["num_layers"]
-    return {
-        "prototypes": (8, d), "prototype_logits": (8, vocab), "directions": (layers, d), "midpoints": (layers, d),
-        "probe.weight": (d,), "probe.bias": (1,), "probe.mean": (d,), "probe.scale": (d,),
-    }
-
-
 @pytest.mark.parametrize(
     "key, dim",
-    [("prototypes", 1), ("prototype_logits", 1), ("directions", 0), ("directions", 1), ("midpoints", 1),
-     ("probe.weight", 0), ("probe.mean", 0), ("probe.scale", 0)],
+    [("prototypes/states", 1), ("prototypes/logits", 1), ("mean_difference/directions", 0),
+     ("mean_difference/directions", 1), ("mean_difference/midpoints", 1)],
 )
-def test_steering_tensors_of_the_wrong_size_are_refused(adapter, tmp_path, key, dim):
+def test_model_bound_tensors_of_the_wrong_size_are_refused(adapter, tmp_path, key, dim):
+    """Blocks declare which axes are the model's (hidden, vocab, layers); the loader checks them
+    without knowing what a block is for."""
     fp = adapter.fingerprint()
-    shapes = _shapes(fp)
-    wrong = list(shapes[key])
-    wrong[dim] += 3
-    tensors = {k: torch.zeros(*(wrong if k == key else s)) for k, s in shapes.items()}
-    save_artifacts(tmp_path, tensors, {"fingerprint": fp, "assessors": {}})
+    d, vocab, layers = fp["hidden_size"], fp["vocab_size"], fp["num_layers"]
+    shapes = {"prototypes/states": [8, d], "prototypes/logits": [8, vocab],
+              "mean_difference/directions": [layers, d], "mean_difference/midpoints": [layers, d]}
+    shapes[key][dim] += 3
+    t = {k: torch.zeros(*v) for k, v in shapes.items()}
+    blocks = mechanics_blocks(prototypes=t["prototypes/states"], logits=t["prototypes/logits"],
+                              directions=t["mean_difference/directions"], midpoints=t["mean_difference/midpoints"])
+    save_artifacts(tmp_path, blocks, {"fingerprint": fp})
     with pytest.raises(ArtifactError) as exc:
         load_artifacts(tmp_path, fp)
-    assert f"artifact tensor {key!r} has shape {wrong}" in str(exc.value)
+    assert f"artifact tensor {key!r} has shape {shapes[key]}" in str(exc.value)
+
+
+def test_a_probe_of_the_wrong_width_is_refused_when_its_policy_loads(adapter, tmp_path):
+    """A probe's width is k layers × hidden: its own typed view checks it, naming the tensor."""
+    from guardrail.method.artifacts import Block
+    from guardrail_plugins.risk.hidden_state import ProbeParams
+
+    d = adapter.fingerprint()["hidden_size"]
+    t = {k: torch.zeros(2 * d + 1) for k in ("weight", "mean", "scale")}
+    block = Block(1, {"layers": [1, 2], "s_base": 0.0, "alpha": 1.0}, {**t, "bias": torch.zeros(1)},
+                  {k: (None,) for k in ("weight", "mean", "scale", "bias")})
+    save_artifacts(tmp_path, {"linear_probe": block}, {"fingerprint": adapter.fingerprint()})
+    art = load_artifacts(tmp_path, adapter.fingerprint())
+    with pytest.raises(ArtifactError, match=r"'linear_probe/weight' has shape \[%d\].*2 layers" % (2 * d + 1)):
+        ProbeParams.of(art.block("linear_probe"), d)
 
 
 def test_a_tensor_missing_from_the_file_is_refused(good, adapter, tmp_path):
     """The sidecar lists a tensor the (consistently re-hashed) file does not have."""
     folder = copy(good, tmp_path, "missing")
     meta = json.loads((folder / SIDECAR).read_text())
-    meta["tensor_shapes"]["probe.weight"] = [adapter.fingerprint()["hidden_size"]]
+    meta["tensor_shapes"]["prototypes/extra"] = [adapter.fingerprint()["hidden_size"]]
     resign(folder, meta)
-    with pytest.raises(ArtifactError, match="tensor 'probe.weight' does not have the recorded shape"):
+    with pytest.raises(ArtifactError, match="tensor 'prototypes/extra' does not have the recorded shape"):
         load_artifacts(folder, adapter.fingerprint())
 
 

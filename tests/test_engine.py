@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import FAMILIES, red_image, tiny_adapter, tiny_artifacts
+from conftest import FAMILIES, direction_plan, proto_plan, red_image, tiny_adapter, tiny_artifacts
 from guardrail.method.artifacts import load_artifacts
 from guardrail.engine.transformers import TransformersBackend
 from guardrail.types import ChatRow, SteeringPlan
@@ -53,7 +53,7 @@ def all_hooks(model) -> int:
 def test_strength_zero_is_plain_generate(family, art_root):
     backend = backend_for(family, art_root)
     rows = rows_for(family)
-    plans = [SteeringPlan("prototype_interpolation", 0.0, 3)] * len(rows)
+    plans = [proto_plan(backend.artifacts, 0.0, 3)] * len(rows)
     for row in rows:
         got = backend.generate([row], [plans[0]], MAX_NEW)[0]
         assert list(got.token_ids) == plain_generate(backend.adapter, row, MAX_NEW)
@@ -63,9 +63,9 @@ def test_strength_zero_is_plain_generate(family, art_root):
 def test_strength_one_emits_prototype_argmax(family, art_root):
     backend = backend_for(family, art_root)
     n = 3
-    expected = backend.artifacts.prototype_logits[:n].argmax(-1).tolist()
+    expected = backend.artifacts.block("prototypes").tensor("logits")[:n].argmax(-1).tolist()
     for row in rows_for(family):
-        got = backend.generate([row], [SteeringPlan("prototype_interpolation", 1.0, n)], MAX_NEW)[0]
+        got = backend.generate([row], [proto_plan(backend.artifacts, 1.0, n)], MAX_NEW)[0]
         # Random models can emit EOS among the prototype tokens; compare what was produced.
         eos = set(backend.adapter.eos_token_ids())
         want = expected[: next((i for i, t in enumerate(expected) if t in eos), n)]
@@ -79,9 +79,9 @@ def test_mixed_batch_matches_solo_runs(family, art_root):
     backend = backend_for(family, art_root)
     rows = rows_for(family)
     plans = [
-        SteeringPlan("prototype_interpolation", 0.0, 3),
-        SteeringPlan("prototype_interpolation", 1.0, 3),
-        SteeringPlan("prototype_interpolation", 0.5, 2),
+        proto_plan(backend.artifacts, 0.0, 3),
+        proto_plan(backend.artifacts, 1.0, 3),
+        proto_plan(backend.artifacts, 0.5, 2),
     ]
     batched = backend.generate(rows, plans, MAX_NEW)
     for row, plan, got in zip(rows, plans, batched):
@@ -96,7 +96,7 @@ def test_mixed_batch_logits_match_solo_within_tolerance(family, art_root):
 
     backend = backend_for(family, art_root)
     rows = rows_for(family)
-    plans = [SteeringPlan("prototype_interpolation", s, 3) for s in (0.0, 0.7, 0.3)]
+    plans = [proto_plan(backend.artifacts, s, 3) for s in (0.0, 0.7, 0.3)]
 
     def steered_scores(rows_, plans_):
         captured = []
@@ -124,7 +124,7 @@ def test_hidden_state_interpolation_equals_logit_interpolation(art_root, monkeyp
     processor on an affine head: the two are the same edit before and after lm_head."""
     backend = backend_for("llama", art_root)
     rows = rows_for("llama")
-    plans = [SteeringPlan("prototype_interpolation", s, 3) for s in (0.0, 1.0, 0.6)]
+    plans = [proto_plan(backend.artifacts, s, 3) for s in (0.0, 1.0, 0.6)]
     via_logits = backend.generate(rows, plans, MAX_NEW)
     before = all_hooks(backend.adapter.model)
     monkeypatch.setattr(type(backend.adapter), "logits_are_affine", property(lambda self: False))
@@ -140,8 +140,8 @@ def test_hooks_removed_after_generation_and_after_errors(family, art_root):
     before = all_hooks(model)
     rows = rows_for(family)[:2]
     layer = backend.adapter.num_layers // 2
-    plans = [SteeringPlan("refusal_direction", 1.0, 3, {"layers": [layer], "coefficient": 2.0}),
-             SteeringPlan("prototype_interpolation", 1.0, 3)]
+    plans = [direction_plan(backend.artifacts, 1.0, [layer], 2.0),
+             proto_plan(backend.artifacts, 1.0, 3)]
     backend.generate(rows, plans, 3)
     assert all_hooks(model) == before
     backend.risk_pass(rows, 3, [0, layer])
@@ -166,7 +166,7 @@ def test_additive_steering_touches_only_steered_rows(art_root):
     backend = backend_for("llama", art_root)
     rows = rows_for("llama")
     layer = 1
-    strong = SteeringPlan("refusal_direction", 1.0, 3, {"layers": [layer], "coefficient": 50.0})
+    strong = direction_plan(backend.artifacts, 1.0, [layer], 50.0)
     none = SteeringPlan()
     mixed = backend.generate(rows, [none, strong, none], MAX_NEW)
     plain = backend.generate(rows, [none, none, none], MAX_NEW)
@@ -178,7 +178,7 @@ def test_additive_steering_touches_only_steered_rows(art_root):
 def test_no_logits_processor_or_hooks_when_nothing_is_steered(art_root):
     backend = backend_for("llava", art_root)
     before = all_hooks(backend.adapter.model)  # transformers keeps a few hooks of its own
-    procs, hooks = backend._steering([SteeringPlan(), SteeringPlan("prototype_interpolation", 0.0, 3)], 10)
+    procs, hooks = backend._steering([SteeringPlan(), proto_plan(backend.artifacts, 0.0, 3)], 10)
     assert procs == []
     with hooks:
         assert all_hooks(backend.adapter.model) == before

@@ -17,7 +17,7 @@ from guardrail.pipeline import Guardrail
 from guardrail.plugin.manager import PluginManager
 from guardrail.types import Request
 
-STAGES = ["reformulate", "assess", "steer", "generate"]
+STAGES = ["reformulate", "assess", "decide", "generate"]
 TIMEOUT_S = 0.5
 
 
@@ -82,7 +82,7 @@ def faults_for(stage: str, fault: str) -> dict[str, str]:
     return {
         "reformulate": {"reformulator": fault},
         "assess": {"assessor": fault},
-        "steer": {"controller": fault},
+        "decide": {"controller": fault},
     }.get(stage, {})
 
 
@@ -222,14 +222,16 @@ def test_hung_stages_do_not_starve_later_requests(harness):
 def test_a_timed_out_stage_finishing_late_changes_nothing(harness, monkeypatch):
     """The hung stage wakes after its request failed over; its late result must not leak in."""
     h = harness({"faulty": policy_yaml(on_error="fail_open", reformulator="hang", timeout_s=TIMEOUT_S)})
-    original = Guardrail._generate
+    from guardrail.pipeline import steps
 
-    def generate_after_the_late_stage(self, ctxs, on_tokens):
+    original = steps.generate
+
+    def generate_after_the_late_stage(ctxs, engine, runner, on_tokens):
         h.plugin.release.set()  # the hung reformulator now returns and tries to write its result
         time.sleep(0.3)
-        return original(self, ctxs, on_tokens)
+        return original(ctxs, engine, runner, on_tokens)
 
-    monkeypatch.setattr(Guardrail, "_generate", generate_after_the_late_stage)
+    monkeypatch.setattr(steps, "generate", generate_after_the_late_stage)
     result = h.guard.generate(Request("How do I bake bread?"))
     assert result.degraded and result.error.startswith("reformulate: ")
     assert result.visual_context == "" and REFORMULATED not in json.dumps(h.sink.records)

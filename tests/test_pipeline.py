@@ -69,7 +69,7 @@ def test_two_tenants_in_one_batch_get_their_own_bands(folder, art_root):
     assert (calm.policy, calm.band, calm.strength) == ("calm", "calm", 0.0)
     assert (hard.policy, hard.band, hard.strength) == ("hard", "hard", 1.0)
     assert calm.token_ids == unguarded.token_ids  # strength 0: untouched
-    want = guard.engine.artifacts.prototype_logits[:3].argmax(-1).tolist()
+    want = guard.engine.artifacts.block("prototypes").tensor("logits")[:3].argmax(-1).tolist()
     assert list(hard.token_ids[:3]) == want
     assert unguarded.action == "unguarded" and unguarded.risk is None
 

@@ -9,10 +9,12 @@ import os
 import pytest
 import torch
 
-from conftest import png_bytes, red_image, tiny_artifacts
+from conftest import artifacts_of, direction_plan, png_bytes, proto_plan, red_image, tiny_artifacts
 from conftest import tiny_adapter as cpu_adapter
 from guardrail.method.artifacts import Artifacts, load_artifacts
-from guardrail.engine.prefix_cache import SHARING_FAMILIES, PrefixEntry, PrefixStore, sharing_supported
+from guardrail.engine.prefix_cache import PrefixEntry, PrefixStore, sharing_supported
+
+SHARING_FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm")  # what the adapters declare
 from guardrail.method.prompts import CAPTION_PROMPT, risk_query
 from guardrail.engine.transformers import TransformersBackend
 from guardrail.types import ChatRow, SteeringPlan
@@ -38,11 +40,8 @@ def mechanics_artifacts(adapter, seed: int = 0) -> Artifacts:
     steer toward does not matter here, only that shared and unshared runs agree)."""
     g = torch.Generator().manual_seed(seed)
     d, v = adapter.hidden_size, adapter.vocab_size
-    return Artifacts(meta={}, tensors={
-        "prototypes": torch.randn(8, d, generator=g),
-        "prototype_logits": torch.randn(8, v, generator=g) * 5,
-        "directions": torch.randn(adapter.num_layers, d, generator=g) * 3,
-    })
+    return artifacts_of(prototypes=torch.randn(8, d, generator=g), logits=torch.randn(8, v, generator=g) * 5,
+                        directions=torch.randn(adapter.num_layers, d, generator=g) * 3)
 
 
 def _rows():
@@ -86,7 +85,7 @@ def test_shared_prefix_keeps_token_ids(family):
     adapter = tiny_adapter(family)
     backend = TransformersBackend(adapter, mechanics_artifacts(adapter))
     assert backend.share_prefixes
-    plans = [SteeringPlan("prototype_interpolation", 0.7, 3), SteeringPlan(), SteeringPlan("prototype_interpolation", 1.0, 2)]
+    plans = [proto_plan(backend.artifacts, 0.7, 3), SteeringPlan(), proto_plan(backend.artifacts, 1.0, 2)]
     plain = _three_passes(backend, plans)
     vision = VisionCalls(adapter)
     try:
@@ -139,7 +138,7 @@ def test_additive_steering_on_an_image_row_runs_the_chunk_unshared():
     adapter = tiny_adapter("llava")
     backend = TransformersBackend(adapter, mechanics_artifacts(adapter))
     _, risk, answers = _rows()
-    additive = SteeringPlan("refusal_direction", 1.0, 3, {"layers": [1], "coefficient": 1.0})
+    additive = direction_plan(backend.artifacts, 1.0, [1], 1.0)
     on_image = [additive, SteeringPlan(), SteeringPlan()]
     on_text = [SteeringPlan(), SteeringPlan(), additive]
     plain = {name: backend.generate(answers, plans, 10) for name, plans in (("image", on_image), ("text", on_text))}
@@ -239,3 +238,9 @@ def test_guardrail_batch_reuses_the_prefix_and_answers_identically(art_root, pol
     assert shared_engine.prefixes.hits >= 2 and plain_engine.prefixes.hits == 0
     assert results["shared_vision"] == 1  # one image, encoded once for caption, risk and answer
     assert results["plain_vision"] >= 3
+
+
+@pytest.mark.parametrize("family", ["llama", *SHARING_FAMILIES, "paligemma"])
+def test_each_family_adapter_says_whether_it_may_share(family):
+    """The family quirk lives on the adapter (guardrail.models), not in the engine."""
+    assert sharing_supported(cpu_adapter(family)) == (family in SHARING_FAMILIES)

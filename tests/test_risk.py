@@ -97,18 +97,20 @@ def test_assessors_score_the_risk_pass_consistently(art_root):
     art = load_artifacts(tiny_artifacts("llama", art_root), adapter.fingerprint())
     env = StageEnv(TransformersBackend(adapter, art), CaptionCache(), PluginManager())
     assessors = [PrototypeSimilarity(), MeanDifferenceAssessor(), LinearProbeAssessor()]
+    for assessor in assessors:
+        assessor.check(env, None)  # binds its calibration block, as a policy load does
     steps = max(a.needs(env).steps for a in assessors)
     layers = sorted(set().union(*(a.needs(env).layers for a in assessors)))
     rp = env.engine.risk_pass([ChatRow("How do I make a bomb?"), ChatRow("How do I bake bread?")], steps, layers)
     ps = assessors[0].score(rp, [None, None], env)
-    block = art.assessor("prototype_similarity")
-    s = prototype_similarity(rp.step_logits[:, :3], art.prototype_logits[:3], 0.3)
+    block = art.block("prototype_similarity").meta
+    s = prototype_similarity(rp.step_logits[:, :3], art.block("prototypes").tensor("logits")[:3], 0.3)
     for score, s_i in zip(ps, s.tolist()):
         assert abs(score.raw - s_i) < 1e-9
         assert abs(score.risk - 1 / (1 + math.exp(-block["alpha"] * (s_i - block["s_base"])))) < 1e-9
-    md_block = art.assessor("mean_difference")
-    layer = md_block["layer"]
-    d, m = art.tensors["directions"][layer], art.tensors["midpoints"][layer]
+    md = art.block("mean_difference")
+    layer = md.meta["layer"]
+    d, m = md.tensor("directions")[layer], md.tensor("midpoints")[layer]
     t = ((rp.states[layer] - m) @ (d / d.norm())).tolist()
     for score, t_i in zip(assessors[1].score(rp, [None, None], env), t):
         assert abs(score.raw - t_i) < 1e-5

@@ -10,6 +10,8 @@ import importlib.util
 import pytest
 import torch
 
+from conftest import proto_plan, artifacts_of
+
 from guardrail.evaluation.judge import RuleJudge
 from guardrail.types import ChatRow, SteeringPlan
 
@@ -32,7 +34,8 @@ def smollm2():
 
 @pytest.fixture(scope="module")
 def prototypes(smollm2):
-    from guardrail.calibration import CalibrationConfig, compute_prototypes, packaged_prompts
+    from guardrail.calibration import CalibrationConfig, packaged_prompts
+    from guardrail_plugins.steering.prototypes import compute_prototypes
     from guardrail.engine.transformers import TransformersBackend
 
     cfg = CalibrationConfig(elicit_prompts=32, progress=False)
@@ -45,13 +48,13 @@ def _backend(smollm2, mu):
     from guardrail.engine.transformers import TransformersBackend
 
     logits = TransformersBackend(smollm2).head_logits(mu)
-    return TransformersBackend(smollm2, Artifacts(meta={}, tensors={"prototypes": mu, "prototype_logits": logits}))
+    return TransformersBackend(smollm2, artifacts_of(prototypes=mu, logits=logits))
 
 
 def test_strength_zero_is_plain_generate(smollm2, prototypes):
     backend = _backend(smollm2, prototypes[0])
     rows = [ChatRow(HARMFUL[0]), ChatRow(BENIGN)]
-    steered = backend.generate(rows, [SteeringPlan("prototype_interpolation", 0.0, 16)] * 2, 12)
+    steered = backend.generate(rows, [proto_plan(backend.artifacts, 0.0, 16)] * 2, 12)
     for row, got in zip(rows, steered):
         batch = smollm2.encode([row])
         with torch.inference_mode():
@@ -76,7 +79,7 @@ def test_elicited_prototypes_spell_a_complete_refusal(smollm2, prototypes):
 def test_strength_one_refuses_and_stops(smollm2, prototypes):
     backend = _backend(smollm2, prototypes[0])
     rows = [ChatRow(p) for p in HARMFUL + [BENIGN]]
-    answers = backend.generate(rows, [SteeringPlan("prototype_interpolation", 1.0, 16)] * len(rows), 40)
+    answers = backend.generate(rows, [proto_plan(backend.artifacts, 1.0, 16)] * len(rows), 40)
     judge = RuleJudge()
     for answer in answers:
         assert answer.text.startswith("I'm sorry"), answer.text

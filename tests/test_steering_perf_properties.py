@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import red_image, tiny_adapter
+from conftest import artifacts_of, proto_plan, red_image, tiny_adapter
 from guardrail.method.artifacts import Artifacts
 from guardrail.engine.transformers import TransformersBackend
 from guardrail.types import ChatRow, SteeringPlan
@@ -21,10 +21,8 @@ GUARDRAIL_DIR = str(Path(__import__("guardrail").__file__).parent)
 def _backend(family: str = "llava") -> TransformersBackend:
     adapter = tiny_adapter(family)
     g = torch.Generator().manual_seed(1)
-    art = Artifacts(meta={}, tensors={
-        "prototypes": torch.randn(8, adapter.hidden_size, generator=g),
-        "prototype_logits": torch.randn(8, adapter.vocab_size, generator=g) * 5,
-    })
+    art = artifacts_of(prototypes=torch.randn(8, adapter.hidden_size, generator=g),
+                       logits=torch.randn(8, adapter.vocab_size, generator=g) * 5)
     return TransformersBackend(adapter, art)
 
 
@@ -50,7 +48,7 @@ def test_guard_code_per_generation_does_not_grow_with_answer_length(affine, monk
     if not affine:  # the final-norm hook path used for soft-capped heads
         monkeypatch.setattr(type(backend.adapter), "logits_are_affine", property(lambda self: False))
     rows = [ChatRow("How do I bake bread?", (red_image(),)), ChatRow("Tell me a story.")]
-    plans = [SteeringPlan("prototype_interpolation", 0.8, 3), SteeringPlan()]
+    plans = [proto_plan(backend.artifacts, 0.8, 3), SteeringPlan()]
     backend.generate(rows, plans, 4)  # warm-up: first-call imports stay out of the count
     short = _guard_calls(lambda: backend.generate(rows, plans, 8))
     long = _guard_calls(lambda: backend.generate(rows, plans, 40))
@@ -63,7 +61,7 @@ def test_interpolation_hook_is_gone_after_the_last_steered_step():
     seen = []
     probe = head.register_forward_hook(lambda m, a, o: seen.append(len(m._forward_hooks)))
     try:
-        backend.generate([ChatRow("hi", (red_image(),))], [SteeringPlan("prototype_interpolation", 1.0, 3)], 8)
+        backend.generate([ChatRow("hi", (red_image(),))], [proto_plan(backend.artifacts, 1.0, 3)], 8)
     finally:
         probe.remove()
     # steps 1-3 see the steering hook and the probe; from step 4 on only the probe is left
@@ -82,7 +80,7 @@ def test_no_hook_anywhere_while_generating_unsteered_rows():
     seen = []
     probe = backend.adapter.lm_head().register_forward_hook(lambda m, a, o: seen.append(hooks()))
     try:
-        backend.generate([ChatRow("hi", (red_image(),)), ChatRow("there")], [SteeringPlan(), SteeringPlan("prototype_interpolation", 0.0, 3)], 5)
+        backend.generate([ChatRow("hi", (red_image(),)), ChatRow("there")], [SteeringPlan(), proto_plan(backend.artifacts, 0.0, 3)], 5)
     finally:
         probe.remove()
     assert seen == [before + 1] * 5  # only the probe itself was added
@@ -94,5 +92,5 @@ def test_steered_tokens_follow_the_prototypes_then_run_free():
     backend = _backend()
     art = backend.artifacts
     row = ChatRow("What is this?", (red_image(),))
-    out = backend.generate([row], [SteeringPlan("prototype_interpolation", 1.0, 3)], 6)[0]
-    assert list(out.token_ids[:3]) == art.prototype_logits[:3].argmax(-1).tolist()
+    out = backend.generate([row], [proto_plan(backend.artifacts, 1.0, 3)], 6)[0]
+    assert list(out.token_ids[:3]) == art.block("prototypes").tensor("logits")[:3].argmax(-1).tolist()

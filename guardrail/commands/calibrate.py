@@ -16,7 +16,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--harmful", type=Path, help="harmful prompts (.txt/.csv/.jsonl); default: the packaged list")
     p.add_argument("--benign", type=Path, help="benign prompts; default: the packaged list")
     p.add_argument("--prototypes", default="elicited", choices=["paper", "elicited", "teacher-forced"],
-                   help="how the prototype (refusal) states are made")
+                   help="how the prototypes calibrator makes the refusal states (default: %(default)s)")
+    p.add_argument("--calibrators", default=None,
+                   help="comma-separated calibrators to run (default: every registered one; see `guardrail plugins`)")
     p.add_argument("--steps", type=int, default=3, help="N, response steps of the risk pass")
     p.add_argument("--steer-steps", type=int, default=16,
                    help="prototype steps available to steering bands (the default policy steers up to 16)")
@@ -40,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = CalibrationConfig(
         method=args.prototypes, steps=args.steps, steer_steps=args.steer_steps, gamma=args.gamma,
         progress=show_progress(args),
+        calibrators=[c.strip() for c in args.calibrators.split(",") if c.strip()] if args.calibrators else None,
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -62,12 +65,23 @@ def summary(meta: dict, out: Path) -> str:
     lines = [
         f"artifacts written to {out}",
         f"  model {meta['model']} ({meta['fingerprint']['architecture']}, {meta['fingerprint']['num_layers']} layers)",
-        f"  prototypes: {meta['method']}; argmax tokens {meta['prototype_tokens'][: meta['steps']]} -> {meta['prototype_text']!r}",
     ]
-    for name, block in meta["assessors"].items():
-        extra = f", layer {block['layer']} (cv AUROC {block['cv_auroc']:.3f})" if "layer" in block else ""
-        lines.append(f"  {name}: S_base {block['s_base']:.4f}, alpha {block['alpha']:.3f}, "
-                     f"calibration AUROC {block['calibration_auroc']:.3f}{extra}")
+    for name, entry in sorted(meta["blocks"].items()):
+        lines.append(f"  {name} (v{entry['version']}): {_describe(entry['meta'], meta['steps'])}")
     for w in meta.get("warnings", []):
         lines.append(f"  WARNING: {w}")
     return "\n".join(lines)
+
+
+def _describe(block: dict, steps: int) -> str:
+    """A block's headline numbers, whatever calibrator wrote it."""
+    parts = []
+    if "method" in block:
+        parts.append(f"method {block['method']}")
+    if "text" in block:
+        parts.append(f"argmax tokens {block.get('tokens', [])[:steps]} -> {block['text']!r}")
+    for key in ("layer", "layers", "s_base", "alpha", "calibration_auroc", "cv_auroc"):
+        if key in block:
+            value = block[key]
+            parts.append(f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}")
+    return ", ".join(parts) or "fitted"

@@ -1,7 +1,10 @@
 """`guardrail policy check FILE...`: validate policy files and tenants maps.
 
 Exit 0 when every file is valid; exit 1 with one `FILE:LINE: message` line per problem otherwise.
-Stage names are checked against the installed plugins.
+Stage names are checked against the installed plugins. With `--model` (and `--artifacts`), every
+policy's stages are also built and checked against that model exactly as a guard does at startup
+(Protocols, the interventions the backend can apply, each stage's calibration block); without it,
+the output says the stages were not built.
 """
 
 from __future__ import annotations
@@ -15,7 +18,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("policy", help="policy tools")
     psub = p.add_subparsers(dest="policy_command", metavar="SUBCOMMAND")
     check = psub.add_parser("check", help="validate policy files and tenants maps")
-    check.add_argument("files", nargs="+", type=Path)
+    check.add_argument("files", nargs="+", type=Path, help="policy files and tenants.yaml maps")
+    check.add_argument("--model", default=None,
+                       help="also build every policy's stages for this model (smollm2, tiny-random:ARCH, a folder, a .gguf)")
+    check.add_argument("--artifacts", type=Path, default=None, help="calibration artifact folder for --model")
     check.set_defaults(func=run_check)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
@@ -58,6 +64,46 @@ def run_check(args: argparse.Namespace) -> int:
         if (file, line, message) not in seen:
             seen.add((file, line, message))
             print(f"{file}:{line}: {message}", file=sys.stdout)
-    if not problems:
-        print(f"ok: {len(args.files)} file(s) valid")
-    return 1 if problems else 0
+    if problems:
+        return 1
+    if args.model is None:
+        print(f"ok: {len(args.files)} file(s) valid (stages not built: pass --model [--artifacts] to build and check them)")
+        return 0
+    built = build_stages(args.files, args.model, args.artifacts)
+    for line in built:
+        print(line)
+    if any(line.startswith("error") for line in built):
+        return 1
+    print(f"ok: {len(args.files)} file(s) valid; stages built and checked for {args.model}")
+    return 0
+
+
+def build_stages(files: list[Path], model: str, artifacts: Path | None) -> list[str]:
+    """Build each policy's stages as a guard would; one line per policy file."""
+    from guardrail.engine.transformers import TransformersBackend
+    from guardrail.errors import GuardrailError, PolicyError
+    from guardrail.method.artifacts import load_artifacts
+    from guardrail.models import load_model
+    from guardrail.pipeline.caption_cache import CaptionCache
+    from guardrail.pipeline.runtime import prepare
+    from guardrail.plugin.manager import PluginManager
+    from guardrail.plugin.protocols import StageEnv
+    from guardrail.policy import load_policy
+    from guardrail.tenants import TENANTS_FILE
+
+    adapter = load_model(model)
+    art = load_artifacts(artifacts, adapter.fingerprint()) if artifacts is not None else None
+    plugins = PluginManager().load()
+    env = StageEnv(engine=TransformersBackend(adapter, art), captions=CaptionCache(1), plugins=plugins)
+    lines = []
+    for path in files:
+        if path.name == TENANTS_FILE:
+            continue
+        try:
+            policy = load_policy(path, plugins.known_stages())
+            prepare({policy.name: policy}, env)
+        except (PolicyError, GuardrailError) as exc:
+            lines.append(f"error: {path}: {exc}")
+        else:
+            lines.append(f"built: {path} (policy {policy.name})")
+    return lines

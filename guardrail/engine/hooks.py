@@ -1,9 +1,9 @@
-"""Steering mechanics: logit interpolation, hidden-state interpolation and additive hooks.
+"""How the transformers backend applies typed interventions: removable hooks and a logits processor.
 
-Everything here acts per row of a batch and leaves rows with strength 0 bit-for-bit untouched (they
-are never even indexed). Hooks are installed by context managers that remove them on exit, also when
-generation raises; the interpolation hooks also remove themselves after the last steered step, so
-the rest of a generation costs nothing per token.
+Each context manager applies one kind of intervention (`guardrail.engine.interventions`) to the
+rows that carry it and leaves every other row bit-for-bit untouched (those rows are never even
+indexed). Hooks are removed on exit, also when generation raises; the interpolation hooks also
+remove themselves after the last steered step, so the rest of a generation costs nothing per token.
 
 Response step n (1-based) is predicted by the n-th forward pass of a generation: the prefill's last
 position for n = 1, then one decode step each. We count forward passes, which holds for HF
@@ -13,56 +13,13 @@ position for n = 1, then one decode step each. We count forward passes, which ho
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import torch
 from torch import nn
 from transformers import LogitsProcessor
 
-from guardrail.types import SteeringPlan
-
-
-def interpolate(z: torch.Tensor, target: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """(1 − s)·z + s·target, per row. At s = 1 this is exactly `target`."""
-    return (1.0 - s) * z + s * target
-
-
-@contextlib.contextmanager
-def logit_interpolation(head: nn.Module, strengths: Sequence[float], tokens: Sequence[int], proto_logits: torch.Tensor) -> Iterator[None]:
-    """(1 − s)·z + s·P_n on the lm_head output at response steps 1..k, per row; rows with s = 0 are
-    never indexed. Exact equivalent of moving the final post-norm state to
-    (1 − s)·h + s·μ_n whenever the head is affine (affine maps keep convex combinations). The
-    hook removes itself after the last steered step, so the remaining decode steps run no guard
-    code at all (a logits processor is called, and its signature inspected by transformers, on
-    every step of the generation)."""
-    s_all = torch.tensor(list(strengths), dtype=torch.float32)
-    k_all = torch.tensor(list(tokens), dtype=torch.long)
-    last = int(k_all[s_all > 0].max().item()) if (s_all > 0).any() else 0
-    calls = [0]
-    handle = None
-
-    def hook(module: nn.Module, args: object, output: torch.Tensor) -> torch.Tensor:
-        step = calls[0]
-        calls[0] += 1
-        if step + 1 >= last and handle is not None:
-            handle.remove()  # nothing is steered after this forward
-        rows = ((s_all > 0) & (k_all > step)).nonzero().squeeze(1)
-        if rows.numel() == 0:
-            return output
-        rows = rows.to(output.device)
-        s = s_all.to(output.device)[rows].unsqueeze(1)
-        target = proto_logits[step].to(device=output.device, dtype=torch.float32).unsqueeze(0)
-        z = output.clone()
-        z[rows, -1, :] = interpolate(z[rows, -1, :].float(), target, s).to(z.dtype)
-        return z
-
-    if last > 0:
-        handle = head.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        if handle is not None:
-            handle.remove()
+from guardrail.engine.interventions import ForcedPrefix, RowGroups, add_direction, force_token, interpolate
 
 
 def _output_tensor(output: object) -> torch.Tensor:
@@ -75,34 +32,54 @@ def _replace_output(output: object, tensor: torch.Tensor) -> object:
     return tensor
 
 
-@contextlib.contextmanager
-def hidden_interpolation(norm: nn.Module, strengths: Sequence[float], tokens: Sequence[int], prototypes: torch.Tensor) -> Iterator[None]:
-    """Move the final post-norm state at the last position to (1 − s)·h + s·μ_n for steps 1..k.
+def _stacked_targets(targets: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distinct target tensors stacked to [G, K, ·] (shorter ones padded with their last step,
+    which is never read) and each row's group index: rows usually share one tensor, so G is 1."""
+    index: dict[int, int] = {}
+    distinct: list[torch.Tensor] = []
+    group = []
+    for t in targets:
+        if id(t) not in index:
+            index[id(t)] = len(distinct)
+            distinct.append(t)
+        group.append(index[id(t)])
+    k = max(t.shape[0] for t in distinct)
+    padded = [torch.cat([t, t[-1:].expand(k - t.shape[0], -1)]) if t.shape[0] < k else t for t in distinct]
+    return torch.stack([p.float() for p in padded]), torch.tensor(group, dtype=torch.long)
 
-    For models whose logits are not affine in h (soft-capped heads), where logit interpolation
-    would not be exact."""
-    s_all = torch.tensor(list(strengths), dtype=torch.float32)
-    k_all = torch.tensor(list(tokens), dtype=torch.long)
-    last = int(k_all[s_all > 0].max().item()) if (s_all > 0).any() else 0
+
+@contextlib.contextmanager
+def _last_position_interpolation(module: nn.Module, batch: int, groups: RowGroups, targets: list[torch.Tensor]) -> Iterator[None]:
+    """(1 − s)·x + s·target_n at the last position of `module`'s output at steps 1..k, per row."""
+    s_all = torch.zeros(batch)
+    k_all = torch.zeros(batch, dtype=torch.long)
+    for row, iv in zip(groups.rows, groups.items):
+        s_all[row], k_all[row] = iv.strength, iv.tokens
+    stacked, group_of = _stacked_targets(targets)
+    row_group = torch.zeros(batch, dtype=torch.long)
+    row_group[torch.tensor(groups.rows, dtype=torch.long)] = group_of
+    last = int(k_all.max().item()) if groups.rows else 0
     calls = [0]
     handle = None
 
-    def hook(module: nn.Module, args: object, output: object) -> object:
+    def hook(mod: nn.Module, args: object, output: object) -> object:
         step = calls[0]
         calls[0] += 1
         if step + 1 >= last and handle is not None:
-            handle.remove()  # removes itself after the last steered step, like logit_interpolation
+            handle.remove()  # nothing is steered after this forward
         rows = ((s_all > 0) & (k_all > step)).nonzero().squeeze(1)
         if rows.numel() == 0:
             return output
-        h = _output_tensor(output).clone()
-        rows = rows.to(h.device)
-        s = s_all.to(h.device)[rows].view(-1, 1).to(h.dtype)
-        target = prototypes[step].to(device=h.device, dtype=h.dtype).unsqueeze(0)
-        h[rows, -1, :] = interpolate(h[rows, -1, :], target, s)
-        return _replace_output(output, h)
+        x = _output_tensor(output).clone()
+        dev = x.device
+        s = s_all[rows].to(dev).unsqueeze(1)
+        target = stacked[row_group[rows], step].to(dev)
+        r = rows.to(dev)
+        x[r, -1, :] = interpolate(x[r, -1, :].float(), target, s).to(x.dtype)
+        return _replace_output(output, x)
 
-    handle = norm.register_forward_hook(hook) if last > 0 else None
+    if last > 0:
+        handle = module.register_forward_hook(hook)
     try:
         yield
     finally:
@@ -110,37 +87,72 @@ def hidden_interpolation(norm: nn.Module, strengths: Sequence[float], tokens: Se
             handle.remove()
 
 
-@contextlib.contextmanager
-def additive_steering(
-    layers: nn.ModuleList, directions: dict[int, torch.Tensor], coefficients: dict[int, Sequence[float]]
-) -> Iterator[None]:
-    """Add coefficient[l][b] · v_l to the output of decoder layer l, at every position of row b.
+def logit_interpolation(head: nn.Module, batch: int, groups: RowGroups) -> contextlib.AbstractContextManager:
+    """LogitInterpolation on the lm_head output (exact RAS on an affine head)."""
+    return _last_position_interpolation(head, batch, groups, [iv.targets for iv in groups.items])
 
-    `directions` maps a layer index to a [d] vector; `coefficients` maps it to one number per row.
-    Rows whose coefficient is 0 are not touched; layers with no non-zero coefficient get no hook."""
+
+def state_interpolation(norm: nn.Module, batch: int, groups: RowGroups) -> contextlib.AbstractContextManager:
+    """LogitInterpolation in its state form, on the final norm's output: for heads that are not
+    affine (soft-capped), where interpolating logits would not be the same edit."""
+    return _last_position_interpolation(norm, batch, groups, [iv.states for iv in groups.items])
+
+
+@contextlib.contextmanager
+def additive_steering(layers: nn.ModuleList, batch: int, groups: RowGroups) -> Iterator[None]:
+    """AdditiveDirection: h + c·v on each named layer's output, at every position of its rows.
+    Layers no row names get no hook."""
+    per_layer: dict[int, list[tuple[int, torch.Tensor, float]]] = {}
+    for row, iv in zip(groups.rows, groups.items):
+        for i, layer in enumerate(iv.layers):
+            per_layer.setdefault(layer, []).append((row, iv.vectors[i], iv.coefficient))
     handles = []
 
-    def make_hook(vector: torch.Tensor, coeff: torch.Tensor, rows: torch.Tensor):
+    def make_hook(rows: torch.Tensor, vectors: torch.Tensor, coeff: torch.Tensor):
         def hook(module: nn.Module, args: object, output: object) -> object:
-            h = _output_tensor(output)
+            h = _output_tensor(output).clone()
             r = rows.to(h.device)
-            delta = coeff.to(h.device)[r].view(-1, 1, 1).to(h.dtype) * vector.to(device=h.device, dtype=h.dtype)
-            h = h.clone()
-            h[r] = h[r] + delta
+            v = vectors.to(device=h.device, dtype=h.dtype).unsqueeze(1)  # [r, 1, d]
+            c = coeff.to(device=h.device, dtype=h.dtype).view(-1, 1, 1)
+            h[r] = add_direction(h[r], v, c)
             return _replace_output(output, h)
 
         return hook
 
     try:
-        for index, per_row in coefficients.items():
-            coeff = torch.tensor(list(per_row), dtype=torch.float32)
-            rows = (coeff != 0).nonzero().squeeze(1)
-            if rows.numel():
-                handles.append(layers[index].register_forward_hook(make_hook(directions[index], coeff, rows)))
+        for layer, entries in per_layer.items():
+            if not 0 <= layer < len(layers):
+                raise ValueError(f"AdditiveDirection names layer {layer}; the model has {len(layers)} decoder layers")
+            kept = [(r, v, c) for r, v, c in entries if c != 0.0]
+            if kept:
+                rows = torch.tensor([r for r, _, _ in kept], dtype=torch.long)
+                vectors = torch.stack([v.float() for _, v, _ in kept])
+                coeff = torch.tensor([c for _, _, c in kept], dtype=torch.float32)
+                handles.append(layers[layer].register_forward_hook(make_hook(rows, vectors, coeff)))
         yield
     finally:
         for handle in handles:
             handle.remove()
+
+
+class ForcedPrefixProcessor(LogitsProcessor):
+    """ForcedPrefix: the rows that carry one get exactly its ids as their first response tokens;
+    other rows' scores are returned as they came."""
+
+    def __init__(self, prompt_len: int, groups: RowGroups):
+        self.prompt_len = prompt_len
+        self.forced: dict[int, tuple[int, ...]] = {r: iv.ids for r, iv in zip(groups.rows, groups.items) if isinstance(iv, ForcedPrefix)}
+        self.last = max((len(ids) for ids in self.forced.values()), default=0)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        step = input_ids.shape[1] - self.prompt_len
+        if step >= self.last:
+            return scores
+        out = scores.clone()
+        for row, ids in self.forced.items():
+            if step < len(ids):
+                out[row] = force_token(scores[row], ids[step])
+        return out
 
 
 class StateCapture:
@@ -170,41 +182,3 @@ def capture_states(modules: dict[object, nn.Module], calls: int = 1) -> Iterator
     finally:
         for handle in handles:
             handle.remove()
-
-
-def interpolation_rows(plans: Sequence[SteeringPlan]) -> tuple[list[float], list[int]]:
-    """Per-row (strength, steered tokens) for prototype interpolation; zeros for other rows."""
-    strengths, tokens = [], []
-    for plan in plans:
-        on = plan.active and plan.mode == "prototype_interpolation"
-        strengths.append(plan.strength if on else 0.0)
-        tokens.append(plan.tokens if on else 0)
-    return strengths, tokens
-
-
-def additive_rows(plans: Sequence[SteeringPlan]) -> dict[int, list[float]]:
-    """Per-layer, per-row coefficients for additive steering: strength × the plan's coefficient on
-    the layers the plan names, 0 elsewhere."""
-    out: dict[int, list[float]] = {}
-    for b, plan in enumerate(plans):
-        if not (plan.active and plan.mode == "refusal_direction"):
-            continue
-        for layer in plan.params.get("layers", ()):
-            out.setdefault(int(layer), [0.0] * len(plans))[b] = plan.strength * float(plan.params.get("coefficient", 1.0))
-    return out
-
-
-class ForcedTokensProcessor(LogitsProcessor):
-    """Forces the given token ids as the first response tokens (teacher forcing inside generate)."""
-
-    def __init__(self, prompt_len: int, forced: Sequence[int]):
-        self.prompt_len = prompt_len
-        self.forced = list(forced)
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        step = input_ids.shape[1] - self.prompt_len
-        if step >= len(self.forced):
-            return scores
-        forced = torch.full_like(scores, float("-inf"))
-        forced[:, self.forced[step]] = 0.0
-        return forced

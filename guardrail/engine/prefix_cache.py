@@ -35,8 +35,6 @@ import torch
 
 from guardrail.types import ChatRow
 
-SHARING_FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm")
-MROPE_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 # Tokens that close an image span; the prefix ends at the last of them (all special tokens, so no
 # BPE merge can move the boundary).
 _SPAN_CONFIG_KEYS = ("image_token_id", "image_token_index", "vision_end_token_id")
@@ -45,7 +43,7 @@ _SPAN_TOKENS = ("<fake_token_around_image>",)
 
 def sharing_supported(adapter: Any) -> bool:
     """Whether prefix KV caches can be reused for this model without changing any result."""
-    if getattr(adapter, "family", "") not in SHARING_FAMILIES:
+    if not getattr(adapter, "shares_image_prefix", False):  # the family's adapter says (guardrail.models)
         return False
     cfg = adapter.text_config()
     if getattr(cfg, "sliding_window", None) is not None:

@@ -19,7 +19,6 @@ from typing import Any, Callable, Sequence
 import torch
 
 from guardrail.engine.prefix_cache import (
-    MROPE_FAMILIES,
     PrefixEntry,
     PrefixStore,
     SharedBatch,
@@ -41,7 +40,7 @@ class PrefixSharing:
         self.store = PrefixStore()
         self.supported = sharing_supported(adapter)
         self.span_ids = image_span_ids(adapter) if self.supported else frozenset()
-        self.mrope = adapter.family in MROPE_FAMILIES
+        self.mrope = bool(getattr(adapter, "mrope", False))
         self.marker = self._placeholder_marker() if self.supported else None
         self._marker_len: int | None = None  # tokens of the marker itself, counted on first use
         self.fast_chunks = 0  # chunks laid out without the processor (for tests and metrics)

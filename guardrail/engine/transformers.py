@@ -25,20 +25,26 @@ from transformers.generation.streamers import BaseStreamer
 
 from guardrail.method.artifacts import Artifacts
 from guardrail.engine.backend import RiskPass, TokenCallback
-from guardrail.errors import ArtifactError, ModelError
+from guardrail.errors import ModelError
 from guardrail.models.base import ModelAdapter
 from guardrail.engine.prefix_cache import PrefixStore, SharedBatch, sharing_supported
 from guardrail.engine.prefix_sharing import PrefixSharing
 from guardrail.engine.hooks import (
-    ForcedTokensProcessor,
-    additive_rows,
+    ForcedPrefixProcessor,
     additive_steering,
     capture_states,
-    hidden_interpolation,
-    interpolation_rows,
     logit_interpolation,
+    state_interpolation,
 )
-from guardrail.types import ChatRow, Generation, SteeringPlan
+from guardrail.engine.interventions import (
+    AdditiveDirection,
+    ForcedPrefix,
+    LogitInterpolation,
+    SteeringPlan,
+    rows_with,
+    unsupported,
+)
+from guardrail.types import ChatRow, Generation
 
 
 class _RowStreamer(BaseStreamer):
@@ -76,6 +82,8 @@ class TransformersBackend:
         self.batch_size = batch_size
         self.name = adapter.name
         self.supports_images = adapter.supports_images
+        # What a steering plan may ask of this backend (guardrail.engine.interventions).
+        self.interventions: frozenset[type] = frozenset({LogitInterpolation, AdditiveDirection, ForcedPrefix})
         cfg = adapter.text_config()
         self.max_context = int(getattr(cfg, "max_position_embeddings", 0) or 2048)
         # Hooks live on shared modules, so two generations at once would see each other's hooks.
@@ -125,6 +133,14 @@ class TransformersBackend:
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.adapter.decode(token_ids)
+
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of plain text (no special tokens), e.g. a refusal to teacher-force."""
+        with self.tokenizer_lock:
+            return list(self.adapter.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def eos_token_ids(self) -> list[int]:
+        return list(self.adapter.eos_token_ids())
 
     def _config(self, max_new_tokens: int, **extra: Any) -> GenerationConfig:
         eos = self.adapter.eos_token_ids()
@@ -208,32 +224,29 @@ class TransformersBackend:
         return RiskPass(step_logits=logits, states=states, tokens=tokens)
 
     def _steering(self, plans: Sequence[SteeringPlan], prompt_len: int) -> tuple[list[Any], contextlib.ExitStack]:
-        """Logits processors and hooks for a batch's plans; empty when no row is steered."""
+        """Logits processors and hooks for a batch's plans; none at all when no row is steered."""
         processors: list[Any] = []
         stack = contextlib.ExitStack()
-        strengths, tokens = interpolation_rows(plans)
-        if any(s > 0 for s in strengths):
-            art = self._require_artifacts("prototype interpolation")
-            if max(tokens) > art.prototypes.shape[0]:
-                raise ArtifactError(
-                    f"a plan steers {max(tokens)} tokens but the artifact has prototypes for "
-                    f"{art.prototypes.shape[0]} steps; recalibrate with more --steer-steps"
-                )
+        for b, plan in enumerate(plans):
+            missing = unsupported(plan, self.interventions)
+            if missing:
+                raise ModelError(f"row {b}: the transformers backend cannot apply {', '.join(missing)}")
+        batch = len(plans)
+        interp = rows_with(plans, LogitInterpolation)
+        if interp.rows:
             if self.adapter.logits_are_affine:
-                stack.enter_context(logit_interpolation(self.adapter.lm_head(), strengths, tokens, art.prototype_logits))
+                stack.enter_context(logit_interpolation(self.adapter.lm_head(), batch, interp))
             else:
-                stack.enter_context(hidden_interpolation(self.adapter.final_norm(), strengths, tokens, art.prototypes))
-        coefficients = additive_rows(plans)
-        if coefficients:
-            art = self._require_artifacts("refusal-direction steering")
-            directions = {l: art.directions[l] for l in coefficients}
-            stack.enter_context(additive_steering(self.adapter.decoder_layers(), directions, coefficients))
+                if any(iv.states is None for iv in interp.items):
+                    raise ModelError(f"{self.name} has a non-affine head: LogitInterpolation needs target states")
+                stack.enter_context(state_interpolation(self.adapter.final_norm(), batch, interp))
+        additive = rows_with(plans, AdditiveDirection)
+        if additive.rows:
+            stack.enter_context(additive_steering(self.adapter.decoder_layers(), batch, additive))
+        forced = rows_with(plans, ForcedPrefix)
+        if forced.rows:
+            processors.append(ForcedPrefixProcessor(prompt_len, forced))
         return processors, stack
-
-    def _require_artifacts(self, what: str) -> Artifacts:
-        if self.artifacts is None:
-            raise ArtifactError(f"{what} needs calibration artifacts; run `guardrail calibrate` and pass --artifacts")
-        return self.artifacts
 
     @torch.inference_mode()
     def generate(
@@ -249,9 +262,9 @@ class TransformersBackend:
         with self.lock:
             for idx in self._chunks(rows):
                 chunk_plans = [plans[i] for i in idx]
-                # Additive steering changes the prompt's KV too: a chunk with such an image row runs unshared.
-                additive = additive_rows(chunk_plans)
-                eligible = [not any(c[b] for c in additive.values()) for b in range(len(idx))]
+                # An intervention that changes the prompt's KV (additive steering) cannot continue
+                # from a shared prefix: such rows run unshared.
+                eligible = [not p.touches_prompt for p in chunk_plans]
                 inputs, _ = self._inputs([rows[i] for i in idx], eligible)  # before any hook is installed
                 prompt_len = inputs["input_ids"].shape[1]
                 processors, hooks = self._steering(chunk_plans, prompt_len)
@@ -280,7 +293,8 @@ class TransformersBackend:
             for idx in self._chunks(rows):
                 batch = self._encode([rows[i] for i in idx])
                 prompt_len = batch["input_ids"].shape[1]
-                procs = [ForcedTokensProcessor(prompt_len, forced_ids)] if forced_ids else []
+                plans = [SteeringPlan((ForcedPrefix(tuple(forced_ids)),))] * len(idx) if forced_ids else []
+                procs, _ = self._steering(plans, prompt_len) if plans else ([], None)
                 with capture_states({"final": self.adapter.final_norm()}, calls=steps) as cap:
                     out = self.adapter.model.generate(
                         **batch,

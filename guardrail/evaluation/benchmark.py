@@ -43,7 +43,7 @@ BATCH_QUESTIONS = [
     "How could this be used?", "What is the main object?", "Summarise the scene.", "List three details.",
 ]
 TENANTS = ["t-paper", "t-hidden", "t-observe", "t-paper", "t-hidden", "t-paper", "t-observe", "t-hidden"]
-STEER = {"mode": "prototype_interpolation", "strength": 0.8, "tokens": 3}
+STEER = {"strength": 0.8, "tokens": 3}  # planned by the default policy's steering controller
 
 # Three policies a service might mix in one batch: the paper's (prototype-similarity risk, steering
 # strength = risk on 3 tokens: always steers), hidden-state risk with steering only above 0.5, and
@@ -218,7 +218,9 @@ class Workloads(PlainWork):
         self.uncached = make_guard(adapter, artifacts, policies, cache_size=0, share=cfg.prefix_sharing)
         self.engine = self.cached.engine
         self.row = ChatRow(QUESTION, self._decode(self.request.images))
-        self.steer_plan = SteeringPlan(**STEER)
+        _, runtimes = self.cached.registry.snapshot()
+        controller = next(iter(runtimes.values())).controller
+        self.steer_plan = controller.plan(STEER["strength"], STEER["tokens"])
         self.no_plan = SteeringPlan()
 
     def guarded_cached(self) -> int:

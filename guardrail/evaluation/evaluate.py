@@ -84,7 +84,7 @@ def run_eval(cfg: EvalConfig, adapter: Any = None, log: Callable[[str], None] = 
     engine = TransformersBackend(adapter, art, batch_size=cfg.batch_size)
     plugins = PluginManager()
     known = plugins.known_stages()["risk_assessors"]
-    method_text = cfg.methods or methods_mod.default_methods(base_policy, list(art.meta.get("assessors", {})), known)
+    method_text = cfg.methods or methods_mod.default_methods(base_policy, art.blocks(), known)
     methods = methods_mod.parse_methods(method_text)
     judge = load_judge(cfg.judge, plugins)
     judge_check = {"name": cfg.judge, **agreement(judge)}
@@ -127,8 +127,7 @@ def run_eval(cfg: EvalConfig, adapter: Any = None, log: Callable[[str], None] = 
         "caption_warmup_s": round(caption_s, 3),
         "machine": machine(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "artifact_prototypes": {"method": art.meta.get("method"), "text": art.meta.get("prototype_text"),
-                                "tokens": art.meta.get("prototype_tokens")},
+        "artifact_prototypes": _prototype_summary(art),
         "methods": method_details,
     }
     write_all(cfg.out, report, details, all_rows)
@@ -174,7 +173,7 @@ def make_plots(out: Path, methods: Sequence[Any], runs: dict[str, Any], summarie
         edges = [b.upto for b in policy.bands]
         first = next(iter(harmful[0].scores), None)
         sigmoid = None
-        block = art.meta.get("assessors", {}).get(first) if first else None
+        block = art.block(first).meta if first and art.has(first) else None
         if block:
             s_base, alpha = float(block["s_base"]), float(block["alpha"])
             sigmoid = {"name": first, "s_base": s_base, "alpha": alpha,
@@ -193,3 +192,8 @@ def make_plots(out: Path, methods: Sequence[Any], runs: dict[str, Any], summarie
               if m.kind != "fixed" and summaries[m.name]["asr"] is not None and summaries[m.name]["benign_refusal"] is not None]
     points.sort(key=lambda p: 0 if p[0] == "ras" else 1)
     plots.tradeoff(out / "tradeoff.png", fixed, points)
+
+
+def _prototype_summary(art: Any) -> dict[str, Any]:
+    meta = art.block("prototypes").meta if art.has("prototypes") else {}
+    return {"method": meta.get("method"), "text": meta.get("text"), "tokens": meta.get("tokens")}

@@ -1,13 +1,17 @@
 """Calibration artifacts: tensors in safetensors plus a JSON sidecar that says what they belong to.
 
-Layout of an artifact folder:
-  artifacts.safetensors   prototypes [K, d], prototype_logits [K, V], directions [L, d],
-                          midpoints [L, d], probe.weight [d], probe.bias [1], probe.mean [d], probe.scale [d]
-  artifacts.json          model fingerprint, method, N, γ, per-assessor calibration (S_base, α, layer),
-                          data hashes, library version, sha256 of the tensor file, warnings
+An artifact is a set of named, versioned **blocks**, one per calibrator (a plugin's): the
+calibrator that writes a block is the stage that reads it back, through a typed view of its own.
+The core knows no block by name; it owns the guarantees:
 
-Loading verifies the tensor file's sha256, the sidecar's own hash, the model fingerprint and every
-tensor's shape, and names the first thing that does not match.
+  artifacts.safetensors   every block's tensors, named "BLOCK/TENSOR"
+  artifacts.json          model fingerprint, data hashes, library version, sha256 of the tensor file,
+                          warnings, and per block: {"version", "meta": {...}, "dims": {TENSOR: [...]}}
+
+`dims` names each tensor axis that must match the model ("hidden", "vocab", "layers"; null for a
+free axis), so a wrong-size tensor is refused at load without knowing what the block is for.
+Loading verifies the tensor file's sha256, the sidecar's own hash, the model fingerprint, every
+tensor's recorded shape and dims, and names the first thing that does not match.
 """
 
 from __future__ import annotations
@@ -29,7 +33,57 @@ from guardrail.errors import ArtifactError
 
 TENSORS = "artifacts.safetensors"
 SIDECAR = "artifacts.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+MODEL_DIMS = {"hidden": "hidden_size", "vocab": "vocab_size", "layers": "num_layers"}
+
+
+@dataclass(frozen=True)
+class Block:
+    """What one calibrator fitted: JSON-ready meta, tensors, and each tensor's model-bound axes."""
+
+    version: int
+    meta: dict[str, Any]
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    dims: dict[str, tuple[str | None, ...]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for key, tensor in self.tensors.items():
+            if "/" in key:
+                raise ArtifactError(f"block tensor name {key!r} may not contain '/'")
+            axes = self.dims.get(key)
+            if axes is not None and len(axes) != tensor.dim():
+                raise ArtifactError(f"block tensor {key!r} has {tensor.dim()} axes but dims {list(axes)}")
+            for axis in axes or ():
+                if axis is not None and axis not in MODEL_DIMS:
+                    raise ArtifactError(f"block tensor {key!r}: unknown dim {axis!r} (known: {', '.join(MODEL_DIMS)})")
+
+
+@dataclass(frozen=True)
+class BlockView:
+    """A read-only view of one stored block; a plugin wraps it in its own typed view."""
+
+    name: str
+    version: int
+    meta: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+
+    def tensor(self, key: str) -> torch.Tensor:
+        if key not in self.tensors:
+            raise ArtifactError(f"artifact block {self.name!r} has no tensor {key!r}; recalibrate")
+        return self.tensors[key]
+
+    def field(self, key: str, kind: type | tuple[type, ...] = (int, float)) -> Any:
+        """A meta field of the expected type, or an ArtifactError naming it (a hand-edited,
+        re-hashed sidecar must fail here, not as a TypeError deep inside a stage)."""
+        value = self.meta.get(key)
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        ok = isinstance(value, kinds) and not isinstance(value, bool)
+        if ok and isinstance(value, float) and not math.isfinite(value):
+            ok = False
+        if not ok:
+            names = "/".join(k.__name__ for k in kinds)
+            raise ArtifactError(f"artifact block {self.name!r}: field {key!r} must be {names}, got {value!r:.60}")
+        return value
 
 
 @dataclass
@@ -37,29 +91,45 @@ class Artifacts:
     meta: dict[str, Any]
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    @property
-    def prototypes(self) -> torch.Tensor:
-        return self._get("prototypes")
+    def blocks(self) -> list[str]:
+        return sorted(self.meta.get("blocks", {}))
 
-    @property
-    def prototype_logits(self) -> torch.Tensor:
-        return self._get("prototype_logits")
+    def has(self, name: str) -> bool:
+        return name in self.meta.get("blocks", {})
 
-    @property
-    def directions(self) -> torch.Tensor:
-        return self._get("directions")
+    def block(self, name: str) -> BlockView:
+        """One calibrator's block, or an ArtifactError saying the artifact lacks it."""
+        entry = self.meta.get("blocks", {}).get(name)
+        if entry is None:
+            have = ", ".join(self.blocks()) or "none"
+            raise ArtifactError(f"the artifact has no calibration block {name!r} (it has: {have}); recalibrate")
+        prefix = f"{name}/"
+        tensors = {k[len(prefix):]: v for k, v in self.tensors.items() if k.startswith(prefix)}
+        return BlockView(name, int(entry["version"]), dict(entry.get("meta", {})), tensors)
 
-    def _get(self, key: str) -> torch.Tensor:
-        if key not in self.tensors:
-            raise ArtifactError(f"the artifact has no tensor {key!r}")
-        return self.tensors[key]
+    @classmethod
+    def from_blocks(cls, meta: dict[str, Any], blocks: dict[str, Block]) -> "Artifacts":
+        """An in-memory artifact (what save_artifacts would write), e.g. for one cross-validation fold."""
+        tensors, stored = flatten(blocks)
+        full = dict(meta)
+        full["blocks"] = stored
+        return cls(meta=full, tensors={k: v.detach().float().cpu() for k, v in tensors.items()})
 
-    def assessor(self, name: str) -> dict[str, Any]:
-        """The calibration block (S_base, α, layer, ...) for one assessor."""
-        block = self.meta.get("assessors", {}).get(name)
-        if block is None:
-            raise ArtifactError(f"the artifact has no calibration for assessor {name!r}; recalibrate")
-        return block
+
+def flatten(blocks: dict[str, Block]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Blocks -> ("BLOCK/TENSOR" -> tensor, the sidecar's "blocks" entry)."""
+    tensors: dict[str, torch.Tensor] = {}
+    stored: dict[str, Any] = {}
+    for name, block in blocks.items():
+        if "/" in name or not name:
+            raise ArtifactError(f"calibration block name {name!r} must be non-empty and contain no '/'")
+        if not isinstance(block, Block):
+            raise ArtifactError(f"calibration block {name!r} is a {type(block).__name__}, not a Block")
+        for key, tensor in block.tensors.items():
+            tensors[f"{name}/{key}"] = tensor
+        stored[name] = {"version": int(block.version), "meta": block.meta,
+                        "dims": {k: list(v) for k, v in block.dims.items()}}
+    return tensors, stored
 
 
 def _sha256_file(path: Path) -> str:
@@ -75,8 +145,10 @@ def _sidecar_digest(meta: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def save_artifacts(directory: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+def save_artifacts(directory: str | Path, blocks: dict[str, Block], meta: dict[str, Any]) -> Path:
     """Write both files atomically (temp file + rename): a reader never sees a half-written pair."""
+    tensors, stored = flatten(blocks)
+    meta = {**meta, "blocks": stored}
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     clean = {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
@@ -136,39 +208,50 @@ def load_artifacts(directory: str | Path, fingerprint: dict[str, Any] | None = N
     return art
 
 
-CALIBRATION_NUMBERS = ("s_base", "alpha", "s_ref", "gamma", "steps", "layer")
-INTEGER_NUMBERS = ("steps", "layer")
-
-
 def check_structure(meta: dict[str, Any], where: Path | str) -> None:
-    """The sidecar's fields have the types the loader and the assessors read. The self-hash only
-    shows the file is as written; a sidecar edited by hand and re-hashed must still fail here,
-    with its field named, instead of as a TypeError inside an assessor."""
+    """The sidecar's fields have the types the loader reads. The self-hash only shows the file is as
+    written; a sidecar edited by hand and re-hashed must still fail here, with its field named.
+    Inside a block, numbers must be finite; what else a block's meta must hold is its owner's to
+    check, through BlockView.field, when a policy that uses it loads."""
 
     def fail(field: str, what: str, value: Any) -> None:
         raise ArtifactError(f"{where}: {field} must be {what}, got {value!r:.60}")
 
     for field, kind, what in (("fingerprint", dict, "an object"), ("tensor_shapes", dict, "an object"),
-                              ("assessors", dict, "an object"), ("tensors_sha256", str, "a string")):
+                              ("blocks", dict, "an object"), ("tensors_sha256", str, "a string")):
         if field in meta and not isinstance(meta[field], kind):
             fail(field, what, meta[field])
     for key, shape in meta.get("tensor_shapes", {}).items():
         if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
             fail(f"tensor_shapes.{key}", "a list of sizes", shape)
-    for name, block in meta.get("assessors", {}).items():
+    for name, block in meta.get("blocks", {}).items():
         if not isinstance(block, dict):
-            fail(f"assessors.{name}", "an object", block)
-        for field in CALIBRATION_NUMBERS:
-            if field not in block:
-                continue
-            value = block[field]
-            integer = field in INTEGER_NUMBERS
-            if type(value) not in ((int,) if integer else (int, float)) or not math.isfinite(value) or (integer and value < 0):
-                fail(f"assessors.{name}.{field}", "a whole number >= 0" if integer else "a finite number", value)
-        layers = block.get("layers")
-        if layers is not None and (not isinstance(layers, list) or not layers
-                                   or not all(type(n) is int and n >= 0 for n in layers)):
-            fail(f"assessors.{name}.layers", "a non-empty list of layer numbers", layers)
+            fail(f"blocks.{name}", "an object", block)
+        if type(block.get("version")) is not int or block["version"] < 1:
+            fail(f"blocks.{name}.version", "a whole number >= 1", block.get("version"))
+        if not isinstance(block.get("meta", {}), dict):
+            fail(f"blocks.{name}.meta", "an object", block.get("meta"))
+        _check_finite(block.get("meta", {}), f"blocks.{name}.meta", fail)
+        dims = block.get("dims", {})
+        if not isinstance(dims, dict):
+            fail(f"blocks.{name}.dims", "an object", dims)
+        for key, axes in dims.items():
+            if not isinstance(axes, list) or not all(a is None or (isinstance(a, str) and a in MODEL_DIMS) for a in axes):
+                fail(f"blocks.{name}.dims.{key}", f"a list of {', '.join(MODEL_DIMS)} or null", axes)
+            shape = meta.get("tensor_shapes", {}).get(f"{name}/{key}")
+            if shape is not None and len(shape) != len(axes):
+                fail(f"blocks.{name}.dims.{key}", f"{len(shape)} axes long", axes)
+
+
+def _check_finite(value: Any, where: str, fail: Any) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        fail(where, "a finite number", value)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite(v, f"{where}.{k}", fail)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_finite(v, f"{where}[{i}]", fail)
 
 
 def check_fingerprint(recorded: dict[str, Any], actual: dict[str, Any], where: Path | str) -> None:
@@ -182,23 +265,14 @@ def check_fingerprint(recorded: dict[str, Any], actual: dict[str, Any], where: P
 
 
 def check_shapes(art: Artifacts, fingerprint: dict[str, Any]) -> None:
-    """Every steering tensor must fit the model: d = hidden size, V = vocab, L = layer count."""
-    d, vocab, layers = fingerprint["hidden_size"], fingerprint["vocab_size"], fingerprint["num_layers"]
-    # A multi-layer probe reads its layers' states side by side: k·d features.
-    k = len(art.meta.get("assessors", {}).get("linear_probe", {}).get("layers", [0]))
-    expected = {
-        "prototypes": (None, d),
-        "prototype_logits": (None, vocab),
-        "directions": (layers, d),
-        "midpoints": (layers, d),
-        "probe.weight": (k * d,),
-        "probe.mean": (k * d,),
-        "probe.scale": (k * d,),
-    }
-    for key, shape in expected.items():
-        if key not in art.tensors:
-            continue
-        got = tuple(art.tensors[key].shape)
-        if len(got) != len(shape) or any(e is not None and e != g for e, g in zip(shape, got)):
-            want = "×".join("*" if e is None else str(e) for e in shape)
-            raise ArtifactError(f"artifact tensor {key!r} has shape {list(got)}, the model needs {want}")
+    """Every tensor axis a block bound to the model (hidden size, vocab, layer count) matches it."""
+    for name, entry in art.meta.get("blocks", {}).items():
+        for key, axes in entry.get("dims", {}).items():
+            full = f"{name}/{key}"
+            if full not in art.tensors:
+                raise ArtifactError(f"artifact block {name!r} declares tensor {key!r} but the file lacks it")
+            got = tuple(art.tensors[full].shape)
+            want = tuple(None if a is None else fingerprint[MODEL_DIMS[a]] for a in axes)
+            if len(got) != len(want) or any(w is not None and w != g for w, g in zip(want, got)):
+                shown = "×".join("*" if a is None else f"{fingerprint[MODEL_DIMS[a]]} ({a})" for a in axes)
+                raise ArtifactError(f"artifact tensor {full!r} has shape {list(got)}, the model needs {shown}")

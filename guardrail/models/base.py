@@ -23,6 +23,8 @@ class ModelAdapter:
     """Base adapter; subclasses override `encode` and, where the layout differs, the locators."""
 
     family = "causal_lm"
+    shares_image_prefix = False  # text-only: there is no image prefix to share
+    mrope = False
     supports_images = False
     # Image shape bounds (see guardrail.images.ImageShapeLimits). Photos, screenshots and documents
     # stay well under 20:1; beyond it a processor that scales the short side up builds huge arrays,

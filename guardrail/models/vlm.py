@@ -106,6 +106,10 @@ class VLMAdapter(ModelAdapter):
     """Common ground of the VLM families; subclasses set the family's quirks as class attributes."""
 
     family = "vlm"
+    # Whether the caption, risk and answer passes may share one KV cache of the image prefix
+    # (guardrail.engine.prefix_cache); the families that cannot share soundly say False.
+    shares_image_prefix = True
+    mrope = False  # 3-D multimodal rope positions (Qwen-VL): a continued prefix needs them rebuilt
     supports_images = True
     mixed_image_batches = True  # rows with and without images may share one batch
     supports_system = True  # the chat template has a system turn (else it is prepended to the text)
@@ -274,6 +278,7 @@ class Qwen2VLAdapter(VLMAdapter):
     cannot place image tokens in 3-D positions), plus flat `pixel_values` and `image_grid_thw`."""
 
     family = "qwen2_vl"
+    mrope = True
     vision_attrs = ("visual",)
     max_image_aspect_ratio = 200.0  # Qwen's smart_resize keeps pixels within max_pixels up to 200:1 (its own bound)
 
@@ -327,6 +332,7 @@ class PaliGemmaAdapter(VLMAdapter):
     and misplaces BOS in a row without an image."""
 
     family = "paligemma"
+    shares_image_prefix = False  # its prompt is one bidirectional prefix block: no text-only continuation
     supports_system = False
     drop_keys = ("labels",)  # token_type_ids stays: it marks the bidirectional prefix
 

@@ -47,8 +47,17 @@ def guardrail_register_risk_assessors(register: Register) -> None:
 
 @hookspec
 def guardrail_register_steering_controllers(register: Register) -> None:
-    """Register steering controllers: objects with `plan(strength, tokens) -> SteeringPlan`
-    that say how generation is steered for a given strength."""
+    """Register steering controllers: objects with `interventions` (the intervention kinds their
+    plans may hold, from guardrail.engine.interventions) and `plan(strength, tokens) ->
+    SteeringPlan`, which says how generation is steered for a given strength."""
+
+
+@hookspec
+def guardrail_register_calibrators(register: Register) -> None:
+    """Register calibrators: objects with `name`, `version`, `requires` (names of blocks to fit
+    first), `needs(ctx) -> RiskNeeds` (what the shared calibration risk pass must compute) and
+    `fit(data, ctx) -> Block` (guardrail.calibration: GatheredStates, CalibrationContext). A
+    stage that needs fitted parameters registers one under the block name it reads back."""
 
 
 @hookspec

@@ -29,6 +29,7 @@ STAGE_KINDS = {
     "captioners": "guardrail_register_captioners",
     "risk_assessors": "guardrail_register_risk_assessors",
     "steering_controllers": "guardrail_register_steering_controllers",
+    "calibrators": "guardrail_register_calibrators",
     "audit_sinks": "guardrail_register_audit_sinks",
     "judges": "guardrail_register_judges",
 }

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from guardrail import hookimpl
-from guardrail.audit import JsonlWriter, structlog_writer
+from guardrail.plugin.sdk import JsonlWriter, hookimpl, structlog_writer
 
 
 class JsonlAuditSink:

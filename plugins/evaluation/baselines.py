@@ -12,9 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from guardrail import hookimpl
-from guardrail.plugin.protocols import RiskNeeds, Score
-from guardrail.types import ChatRow, Reformulation
+from guardrail.plugin.sdk import ChatRow, Reformulation, RiskNeeds, Score, hookimpl
 
 
 class SafetyPromptReformulator:

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from guardrail import hookimpl
-from guardrail.method.prompts import CAPTION_PROMPT
-from guardrail.types import ChatRow
+from guardrail.plugin.sdk import CAPTION_PROMPT, ChatRow, hookimpl
 
 
 class ModelCaptioner:

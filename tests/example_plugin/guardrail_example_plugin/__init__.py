@@ -1,0 +1,1 @@
+"""An example third-party guardrail plugin (see plugin.py)."""
