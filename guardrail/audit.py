@@ -155,3 +155,20 @@ def configure_logging(level: str = "INFO", json_logs: bool = True) -> None:
 
 def now_ms() -> float:
     return time.perf_counter() * 1000.0
+
+
+class JsonlSink:
+    """An audit sink: one JSON line per record, written through structlog to a rotating file.
+    `Guardrail(audit_log=PATH)` uses it; the `jsonl` audit-sink plugin registers it by name."""
+
+    def __init__(self, path: str, fsync: bool = False, max_bytes: int | None = None, backups: int | None = None):
+        self.writer = JsonlWriter(path, fsync=fsync, max_bytes=max_bytes, backups=backups)
+        self.log = structlog_writer(self.writer)
+
+    def write(self, record: dict[str, Any]) -> None:
+        fields = dict(record)
+        event = fields.pop("event", "request")
+        self.log.info(event, **fields)
+
+    def close(self) -> None:
+        self.writer.close()

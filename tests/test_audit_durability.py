@@ -18,7 +18,7 @@ from guardrail.audit import AuditError, JsonlWriter
 from guardrail.pipeline import Guardrail
 from guardrail.plugin.manager import PluginManager
 from guardrail.types import Request
-from guardrail_plugins.audit.jsonl import JsonlAuditSink
+from guardrail.audit import JsonlSink as JsonlAuditSink
 
 
 def strict_json(line: str) -> dict:

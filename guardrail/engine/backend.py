@@ -9,10 +9,11 @@ on purpose, so a backend on another serving engine can slot in without touching 
   token. The paper's risk needs only the logits (vLLM: `logprobs` over the full vocabulary, or a
   logits processor that records them); the hidden-state assessors need the layer states.
 * `generate(rows, plans, max_new_tokens, on_tokens)` — batched greedy generation in which each row
-  follows its own `SteeringPlan`. The paper's steering is a per-row logit interpolation on the first
-  N steps: on vLLM that is a per-request logits processor holding (strength, P_1..P_N), so it needs
-  no access to hidden states. Additive steering (`refusal_direction`) needs layer hooks and is only
-  available where the engine exposes them.
+  follows its own `SteeringPlan`: a tuple of typed interventions (`guardrail.engine.interventions`).
+  A backend applies the kinds it lists in `interventions` and refuses others; the pipeline refuses
+  a policy whose controller needs a kind the backend lacks when the policy loads. A logit
+  interpolation needs no hidden states (on vLLM: a per-request logits processor); an additive
+  direction needs layer hooks and exists only where the engine exposes them.
 
 Backends must be safe to call from several threads (serialise model access internally).
 """
@@ -60,10 +61,15 @@ class Backend(Protocol):
     supports_images: bool
     artifacts: "Artifacts | None"
     max_context: int
+    interventions: frozenset[type]  # the intervention kinds generate() applies
 
     def fingerprint(self) -> dict[str, Any]: ...
 
     def count_tokens(self, text: str) -> int: ...
+
+    def encode_text(self, text: str) -> list[int]: ...
+
+    def eos_token_ids(self) -> list[int]: ...
 
     def decode(self, token_ids: Sequence[int]) -> str: ...
 

@@ -14,7 +14,7 @@ A pass over chunk rows goes one of three ways (all inside a pipeline batch's `pr
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -32,9 +32,8 @@ from guardrail.types import ChatRow
 
 
 class PrefixSharing:
-    def __init__(self, adapter: Any, encode: Callable[[Sequence[ChatRow]], dict[str, Any]], tokenizer_lock: Any, batch_size: int):
+    def __init__(self, adapter: Any, tokenizer_lock: Any, batch_size: int):
         self.adapter = adapter
-        self.encode = encode  # the backend's locked, device-placing encode
         self.tokenizer_lock = tokenizer_lock
         self.batch_size = batch_size
         self.store = PrefixStore()
@@ -192,6 +191,13 @@ class PrefixSharing:
         return SharedBatch(input_ids, attention, positions, kv, cached)
 
     # ----- tokenizer-only tails ------------------------------------------------------------------
+    def encode(self, rows: Sequence[ChatRow]) -> dict[str, Any]:
+        """The processor's batch for `rows`, on the model's device (tokenizer calls take the lock)."""
+        with self.tokenizer_lock:
+            batch = self.adapter.encode(rows)
+        device = self.adapter.device
+        return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
     def _placeholder_marker(self) -> str | None:
         """The text that closes an image in the rendered prompt (before the processor expands it)."""
         if self.mrope:

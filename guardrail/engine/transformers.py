@@ -93,7 +93,7 @@ class TransformersBackend:
         # encode makes the batch fail to tensorize. Tokenizer calls take this short lock.
         self.tokenizer_lock = threading.Lock()
         # Image-prefix KV caches of the open pipeline batches (empty, and unused, outside them).
-        self.sharing = PrefixSharing(adapter, self._encode, self.tokenizer_lock, batch_size)
+        self.sharing = PrefixSharing(adapter, self.tokenizer_lock, batch_size)
 
     def prefix_scope(self) -> contextlib.AbstractContextManager:
         """Keep image-prefix KV caches for reuse until the scope (a pipeline batch) closes."""
@@ -117,7 +117,7 @@ class TransformersBackend:
         (`guardrail.engine.prefix_sharing`), else the plain encoded batch."""
         shared = self.sharing.fast(rows, eligible)
         if shared is None:
-            batch = self._encode(rows)
+            batch = self.sharing.encode(rows)
             shared = self.sharing.full(rows, batch, eligible)
             if shared is None:
                 return batch, None
@@ -165,12 +165,6 @@ class TransformersBackend:
             for start in range(0, len(group), self.batch_size):
                 if group[start : start + self.batch_size]:
                     yield group[start : start + self.batch_size]
-
-    def _encode(self, rows: Sequence[ChatRow]) -> dict[str, Any]:
-        with self.tokenizer_lock:
-            batch = self.adapter.encode(rows)
-        device = self.adapter.device
-        return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
     def _trim(self, ids: list[int]) -> tuple[tuple[int, ...], str]:
         eos = set(self.adapter.eos_token_ids())
@@ -291,7 +285,7 @@ class TransformersBackend:
         gens: list[Generation | None] = [None] * len(rows)
         with self.lock:
             for idx in self._chunks(rows):
-                batch = self._encode([rows[i] for i in idx])
+                batch = self.sharing.encode([rows[i] for i in idx])
                 prompt_len = batch["input_ids"].shape[1]
                 plans = [SteeringPlan((ForcedPrefix(tuple(forced_ids)),))] * len(idx) if forced_ids else []
                 procs, _ = self._steering(plans, prompt_len) if plans else ([], None)

@@ -15,6 +15,7 @@ import contextlib
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from guardrail.audit import JsonlSink
 from guardrail.engine.backend import Backend
 from guardrail.pipeline import intake, steps
 from guardrail.pipeline.caption_cache import CaptionCache
@@ -51,7 +52,7 @@ class Guardrail:
         self.runner = StageRunner(engine.supports_images, self.spans)
         sinks = list(audit_sinks)
         if audit_log is not None:
-            sinks.append(self.plugins.create("audit_sinks", "jsonl", {"path": str(audit_log)}))
+            sinks.append(JsonlSink(str(audit_log)))
         self.trail = AuditTrail(sinks, self.plugins, engine.name, self.spans)
         self.registry = TenantRegistry(
             policies, known_stages=self.plugins.known_stages(), on_reload=self.trail.event, prepare=self._prepare

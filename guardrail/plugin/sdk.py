@@ -28,7 +28,7 @@ from guardrail.engine.interventions import (
     force_token,
     interpolate,
 )
-from guardrail.audit import JsonlWriter, structlog_writer
+from guardrail.audit import JsonlSink, JsonlWriter, structlog_writer
 from guardrail.errors import ArtifactError, GuardrailError, InputError, ModelError, PluginError, PolicyError
 from guardrail.method.artifacts import Artifacts, Block, BlockView
 from guardrail.method.probes import (
@@ -65,6 +65,6 @@ __all__ = [
     "StageEnv", "SteeringPlan", "add_direction", "alpha_for", "auroc", "calibrated_risk", "chunked",
     "force_token", "hookimpl", "interpolate", "opens_refusal", "prototype_similarity", "require_block",
     "risk_query", "LogisticProbe", "MeanDifference", "choose_layer", "cross_validated_auroc", "fit_logistic",
-    "fit_mean_difference", "logistic_scorer", "mean_difference_scorer", "CAPTION_PROMPT", "JsonlWriter",
+    "fit_mean_difference", "logistic_scorer", "mean_difference_scorer", "CAPTION_PROMPT", "JsonlSink", "JsonlWriter",
     "PolicyError", "structlog_writer",
 ]

@@ -10,23 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from guardrail.plugin.sdk import JsonlWriter, hookimpl, structlog_writer
-
-
-class JsonlAuditSink:
-    def __init__(self, path: str, fsync: bool = False, max_bytes: int | None = None, backups: int | None = None):
-        self.writer = JsonlWriter(path, fsync=fsync, max_bytes=max_bytes, backups=backups)
-        self.log = structlog_writer(self.writer)
-
-    def write(self, record: dict[str, Any]) -> None:
-        fields = dict(record)
-        event = fields.pop("event", "request")
-        self.log.info(event, **fields)
-
-    def close(self) -> None:
-        self.writer.close()
+from guardrail.plugin.sdk import JsonlSink, hookimpl
 
 
 @hookimpl
 def guardrail_register_audit_sinks(register):
-    register("jsonl", JsonlAuditSink)
+    register("jsonl", JsonlSink)

@@ -1,0 +1,230 @@
+"""guardrail's in-engine part for vLLM: a logits processor that applies `LogitInterpolation`.
+
+This module runs inside the vLLM server's own Python environment, which pins its own torch and
+transformers. It therefore imports nothing but torch, safetensors, the standard library and vLLM
+itself -- never another guardrail module -- so it can be copied into (or installed beside) any vLLM
+server and loaded there:
+
+    GUARDRAIL_ARTIFACTS=/path/to/artifacts \\
+    vllm serve MODEL --logits-processors guardrail.engine.vllm_processor:GuardrailInterpolation
+
+(or, with only this file on the server's PYTHONPATH, `guardrail_vllm_processor:GuardrailInterpolation`).
+
+Per request, through `SamplingParams.extra_args` (in-process) or `vllm_xargs` (HTTP):
+
+    guardrail_strength   s in (0, 1]
+    guardrail_tokens     k >= 1: response steps 1..k are steered
+    guardrail_targets    the artifact tensor to steer toward, "BLOCK/TENSOR" ([K >= k, V] logits),
+                         e.g. "prototypes/logits" (P_n = W_U mu_n)
+    guardrail_artifact   optional: the artifact's tensors_sha256 (or a prefix of 12+ hex digits);
+                         a request calibrated on another artifact is refused, never steered wrongly
+
+At response step n <= k the row's logits become (1 - s) * z_n + s * targets[n - 1]: the same maths
+as guardrail.engine.interventions.interpolate. Rows without `guardrail_strength` are never indexed,
+so their logits are untouched bit for bit. A steered row leaves the active set after its k-th step:
+from then on it costs no Python work at all, and with no steered row in the batch `apply` returns
+at once.
+
+The artifact folder (`artifacts.safetensors` + its sidecar `artifacts.json`) is read once, at engine
+start, from `$GUARDRAIL_ARTIFACTS` (or the vLLM config's
+`additional_config["guardrail_artifacts"]`); the tensor file's sha256 is checked against the
+sidecar's `tensors_sha256` before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as _load_safetensors
+
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+
+ENV_ARTIFACTS = "GUARDRAIL_ARTIFACTS"
+TENSORS = "artifacts.safetensors"
+SIDECAR = "artifacts.json"
+
+ARG_STRENGTH = "guardrail_strength"
+ARG_TOKENS = "guardrail_tokens"
+ARG_TARGETS = "guardrail_targets"
+ARG_ARTIFACT = "guardrail_artifact"
+ARGS = (ARG_STRENGTH, ARG_TOKENS, ARG_TARGETS, ARG_ARTIFACT)
+
+
+class GuardrailArtifactError(RuntimeError):
+    """The artifact folder is missing, unreadable or does not match its sidecar."""
+
+
+def load_targets(folder: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], str]:
+    """Every 2-D tensor of a guardrail artifact ("BLOCK/TENSOR" -> float32 [K, V]) and the tensor
+    file's sha256, after checking it against the sidecar (the same bytes are hashed and loaded)."""
+    root = Path(folder)
+    sidecar, tensor_file = root / SIDECAR, root / TENSORS
+    for path in (sidecar, tensor_file):
+        if not path.is_file():
+            raise GuardrailArtifactError(f"{path} is missing: not a guardrail artifact folder (run `guardrail calibrate`)")
+    try:
+        meta = json.loads(sidecar.read_text())
+    except (OSError, ValueError) as exc:
+        raise GuardrailArtifactError(f"{sidecar} is not valid JSON: {exc}") from exc
+    recorded = meta.get("tensors_sha256") if isinstance(meta, dict) else None
+    data = tensor_file.read_bytes()
+    actual = hashlib.sha256(data).hexdigest()
+    if not isinstance(recorded, str) or actual != recorded:
+        raise GuardrailArtifactError(
+            f"{tensor_file} does not match its sidecar: sha256 {actual[:12]}... != recorded {str(recorded)[:12]}... "
+            "(tampered, truncated or replaced)"
+        )
+    tensors = _load_safetensors(data)
+    return {k: v.float().contiguous() for k, v in tensors.items() if v.dim() == 2}, actual
+
+
+def _artifact_folder(vllm_config: Any) -> str | None:
+    folder = os.environ.get(ENV_ARTIFACTS)
+    if folder:
+        return folder
+    extra = getattr(vllm_config, "additional_config", None)
+    if isinstance(extra, dict) and extra.get("guardrail_artifacts"):
+        return str(extra["guardrail_artifacts"])
+    return None
+
+
+def _args(params: Any) -> dict[str, Any] | None:
+    extra = getattr(params, "extra_args", None)
+    if not extra or ARG_STRENGTH not in extra:
+        return None
+    return extra
+
+
+def _parse(extra: dict[str, Any]) -> tuple[float, int, str, str | None]:
+    """(strength, tokens, targets key, artifact digest) of a request, or ValueError naming the field."""
+    try:
+        strength = float(extra[ARG_STRENGTH])
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{ARG_STRENGTH} must be a number, got {extra.get(ARG_STRENGTH)!r}") from exc
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"{ARG_STRENGTH} must be in (0, 1], got {strength}")
+    raw_tokens = extra.get(ARG_TOKENS)
+    try:
+        tokens = int(raw_tokens)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{ARG_TOKENS} must be a whole number >= 1, got {raw_tokens!r}") from exc
+    if tokens < 1 or float(raw_tokens) != tokens:
+        raise ValueError(f"{ARG_TOKENS} must be a whole number >= 1, got {raw_tokens!r}")
+    targets = extra.get(ARG_TARGETS)
+    if not isinstance(targets, str) or not targets:
+        raise ValueError(f"{ARG_TARGETS} must name an artifact tensor such as 'prototypes/logits', got {targets!r}")
+    digest = extra.get(ARG_ARTIFACT)
+    if digest is not None and not isinstance(digest, str):
+        raise ValueError(f"{ARG_ARTIFACT} must be the artifact's tensors_sha256, got {digest!r}")
+    return strength, tokens, targets, digest
+
+
+class GuardrailInterpolation(LogitsProcessor):
+    """Per-request `LogitInterpolation` on the first k response steps (see the module docstring)."""
+
+    # Shared by validate_params (a classmethod, called in the API server before the request is
+    # queued) and the instances in the engine: loaded once per process.
+    _loaded: tuple[dict[str, torch.Tensor], str] | None = None
+    _loaded_from: str | None = None
+
+    @classmethod
+    def _targets(cls, folder: str | None) -> tuple[dict[str, torch.Tensor], str]:
+        if folder is None:
+            raise GuardrailArtifactError(
+                f"guardrail's logits processor needs the artifact folder: set ${ENV_ARTIFACTS} "
+                "(or additional_config guardrail_artifacts) when starting vLLM"
+            )
+        if cls._loaded is None or cls._loaded_from != folder:
+            cls._loaded = load_targets(folder)
+            cls._loaded_from = folder
+        return cls._loaded
+
+    @classmethod
+    def validate_params(cls, sampling_params: Any) -> None:
+        extra = getattr(sampling_params, "extra_args", None) or {}
+        present = [k for k in ARGS if k in extra]
+        if not present:
+            return
+        if ARG_STRENGTH not in extra:
+            raise ValueError(f"{', '.join(present)} given without {ARG_STRENGTH}")
+        strength, tokens, key, digest = _parse(extra)
+        tensors, sha = cls._targets(os.environ.get(ENV_ARTIFACTS) or cls._loaded_from)
+        cls._check(tensors, sha, key, tokens, digest)
+
+    @staticmethod
+    def _check(tensors: dict[str, torch.Tensor], sha: str, key: str, tokens: int, digest: str | None) -> torch.Tensor:
+        if digest is not None and (len(digest) < 12 or not sha.startswith(digest.lower())):
+            raise ValueError(f"{ARG_ARTIFACT} {digest[:16]!r} is not the artifact this server loaded ({sha[:12]}...)")
+        if key not in tensors:
+            have = ", ".join(sorted(tensors)) or "none"
+            raise ValueError(f"{ARG_TARGETS} {key!r} is not a 2-D tensor of the loaded artifact (it has: {have})")
+        target = tensors[key]
+        if target.shape[0] < tokens:
+            raise ValueError(f"{ARG_TOKENS} {tokens} exceeds the {target.shape[0]} steps of {key!r}")
+        return target
+
+    def __init__(self, vllm_config: Any, device: torch.device, is_pin_memory: bool) -> None:
+        self.device = device
+        tensors, self.sha256 = self._targets(_artifact_folder(vllm_config))
+        self.tensors = tensors
+        self._on_device: dict[str, torch.Tensor] = {}
+        # batch row -> [strength, tokens, target [K, V] on device, live output-token list]
+        self.active: dict[int, list[Any]] = {}
+
+    def is_argmax_invariant(self) -> bool:
+        return False  # interpolation moves the argmax: it must run under greedy sampling too
+
+    def _target(self, key: str) -> torch.Tensor:
+        found = self._on_device.get(key)
+        if found is None:
+            found = self._on_device[key] = self.tensors[key].to(self.device)
+        return found
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        if batch_update is None:
+            return
+        active = self.active
+        for index in batch_update.removed:
+            active.pop(index, None)
+        for added in batch_update.added:
+            index, params, output_ids = added[0], added[1], added[-1]
+            extra = _args(params)
+            if extra is None:
+                active.pop(index, None)
+                continue
+            strength, tokens, key, digest = _parse(extra)
+            target = self._check(self.tensors, self.sha256, key, tokens, digest)
+            if len(output_ids) >= tokens:  # e.g. a resumed request past its steered steps
+                active.pop(index, None)
+                continue
+            active[index] = [strength, tokens, self._target(key), output_ids]
+            del target
+        for a, b, direction in batch_update.moved:
+            row_a, row_b = active.pop(a, None), active.pop(b, None)
+            if row_a is not None:
+                active[b] = row_a
+            if direction == MoveDirectionality.SWAP and row_b is not None:
+                active[a] = row_b
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return logits
+        done: list[int] = []
+        for index, (strength, tokens, target, output_ids) in self.active.items():
+            step = len(output_ids)  # tokens already generated: this pass predicts step + 1
+            if step >= tokens:
+                done.append(index)
+                continue
+            vocab = min(logits.shape[-1], target.shape[-1])
+            row = logits[index, :vocab]
+            logits[index, :vocab] = (1.0 - strength) * row + strength * target[step, :vocab]
+            if step + 1 >= tokens:
+                done.append(index)
+        for index in done:
+            self.active.pop(index, None)
+        return logits
