@@ -188,3 +188,22 @@ def test_frontier_edges_flag_at_most_the_target_share_of_benign_rows():
     assert points[0]["benign_refusal"] <= 0.05
     assert points[0]["asr"] == 0.5  # the five harmful rows at 0.5 sit below the edge (0.94)
     assert points[0]["edgy_refusal"] is None
+
+
+def test_plugin_assessor_fits_the_registered_calibrator_on_the_fold_rows(tmp_path):
+    from guardrail.engine.transformers import TransformersBackend
+    from guardrail.models import load_model
+
+    engine = TransformersBackend(load_model("tiny-random:llama"))
+    n_layers, hidden = engine.adapter.num_layers, engine.adapter.hidden_size
+    g = torch.Generator().manual_seed(1)
+    rows = [{"id": f"{s}/{i}", "prompt": f"p{i}", "label": "harmful" if i % 2 else "benign", "source": s,
+             "category": None, "format": "question", "modality": "text"} for s in ("a", "b") for i in range(12)]
+    states = torch.randn(len(rows), n_layers, hidden, generator=g)
+    states[1::2] += 1.0
+    t = cv.Table(rows, states.half(), torch.zeros(len(rows), 3, 4, dtype=torch.int32), torch.zeros(len(rows), 3, 4))
+    ctx = cv.FitContext(engine=engine, num_layers=n_layers, steps=3, gamma=0.3, cache=tmp_path)
+    oof = cv.out_of_fold(t, [cv.ASSESSORS["plugin:linear_probe"]], ctx, ["a", "b"], progress=False)
+    risk = oof["plugin:linear_probe"]["risk"]
+    assert not torch.isnan(risk).any()
+    assert cv.auroc(risk[t.harmful].tolist(), risk[~t.harmful].tolist()) > 0.75

@@ -311,7 +311,74 @@ def fit_prototype_similarity(train: Table, ctx: FitContext) -> Scorer:
     return score
 
 
+class _FoldEngine:
+    """The engine as a fold's assessors see it: the real one, with the fold's in-memory artifact."""
+
+    def __init__(self, engine: Any, artifacts: Any):
+        self._engine, self.artifacts = engine, artifacts
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+
+def dense_logits(t: Table, vocab: int) -> torch.Tensor:
+    """[n, N, V] log-probabilities with the kept top-K entries and -1e4 elsewhere (softmax gives
+    the kept probabilities, renormalised over them)."""
+    out = torch.full((len(t), t.top_ids.shape[1], vocab), -1e4)
+    out.scatter_(2, t.top_ids.long(), t.top_logp.float().clamp_min(-1e4))
+    return out
+
+
+def plugin_assessor(name: str, fit_modalities: tuple[str, ...] = ("text",)) -> Assessor:
+    """A registered calibrator + risk assessor pair, run as the guard runs them: the calibrator's
+    `fit` on this fold's rows (guardrail.calibration.fit_blocks), an in-memory artifact, then the
+    assessor's `check` and `score` on the held-out rows' states. The raw statistic is kept; the
+    sigmoid is refitted on the training rows like every other assessor here."""
+
+    def fit(train: Table, ctx: FitContext) -> Scorer:
+        from guardrail.calibration import (CalibrationConfig, CalibrationContext, CalibrationRow, GatheredStates,
+                                           build_calibrators, fit_blocks, gather_needs)
+        from guardrail.engine.backend import RiskPass
+        from guardrail.method.artifacts import Artifacts
+        from guardrail.pipeline.caption_cache import CaptionCache
+        from guardrail.plugin.manager import PluginManager
+        from guardrail.plugin.protocols import StageEnv
+
+        if ctx.engine is None:
+            raise CrossvalError(f"assessor plugin:{name} needs the model loaded")
+        plugins = PluginManager().load()
+        calibrators = build_calibrators(plugins, [name])
+        cfg = CalibrationConfig(steps=ctx.steps, steer_steps=ctx.steps, gamma=ctx.gamma, progress=ctx.progress)
+        cctx = CalibrationContext(engine=ctx.engine, config=cfg)
+        steps, layers = gather_needs(calibrators, cctx)
+        vocab = ctx.engine.adapter.vocab_size
+        rows = tuple(CalibrationRow(r.get("request", r["prompt"]), r["label"] == "harmful", r["source"], r["modality"],
+                                    r.get("category")) for r in train.rows)
+        data = GatheredStates(rows=rows, step_logits=dense_logits(train, vocab) if steps else None,
+                              states={l: train.states[:, l].float() for l in layers})
+        blocks = fit_blocks(calibrators, data, cctx)
+        art = Artifacts.from_blocks({"model": ctx.engine.name, "fingerprint": ctx.engine.fingerprint(),
+                                     "steps": ctx.steps, "gamma": ctx.gamma}, blocks)
+        env = StageEnv(engine=_FoldEngine(ctx.engine, art), captions=CaptionCache(16), plugins=plugins)
+        assessor = plugins.create("risk_assessors", name)
+        assessor.check(env, None)
+
+        def score(t: Table) -> torch.Tensor:
+            need = assessor.needs(env)
+            rp = RiskPass(step_logits=dense_logits(t, vocab) if need.steps else None,
+                          states={l: t.states[:, l].float() for l in need.layers})
+            return torch.tensor([s.raw for s in assessor.score(rp, [None] * len(t), env)], dtype=torch.float32)
+
+        return score
+
+    return Assessor(f"plugin:{name}", fit, f"the registered `{name}` calibrator and assessor, exactly as "
+                    f"`guardrail calibrate` fits them (layer choice included), on {', '.join(fit_modalities)} rows",
+                    fit_modalities=fit_modalities)
+
+
 ASSESSORS: dict[str, Assessor] = {a.name: a for a in (
+    plugin_assessor("linear_probe"),
+    plugin_assessor("mean_difference"),
     Assessor("linear_probe", fit_linear_probe,
              "the shipped probe: logistic regression over layers 40-80 % of depth, fitted on text rows only "
              "(as calibration does today)", fit_modalities=("text",)),
