@@ -93,6 +93,15 @@ def _artifact_folder(vllm_config: Any) -> str | None:
     return None
 
 
+def _vocab_size(vllm_config: Any) -> int | None:
+    model_config = getattr(vllm_config, "model_config", None)
+    getter = getattr(model_config, "get_vocab_size", None)
+    try:
+        return int(getter()) if callable(getter) else None
+    except Exception:  # a config without a vocabulary (tests with stand-in configs)
+        return None
+
+
 def _args(params: Any) -> dict[str, Any] | None:
     extra = getattr(params, "extra_args", None)
     if not extra or ARG_STRENGTH not in extra:
@@ -170,8 +179,16 @@ class GuardrailInterpolation(LogitsProcessor):
 
     def __init__(self, vllm_config: Any, device: torch.device, is_pin_memory: bool) -> None:
         self.device = device
-        tensors, self.sha256 = self._targets(_artifact_folder(vllm_config))
-        self.tensors = tensors
+        folder = _artifact_folder(vllm_config)
+        # Without an artifact folder the server still answers; a steered request is then refused
+        # by validate_params (HTTP 400), never served unsteered.
+        self.tensors, self.sha256 = self._targets(folder) if folder is not None else ({}, "")
+        vocab = _vocab_size(vllm_config)
+        for key, tensor in self.tensors.items():
+            if vocab is not None and key.endswith("/logits") and tensor.shape[1] != vocab:
+                raise GuardrailArtifactError(
+                    f"artifact tensor {key!r} has {tensor.shape[1]} vocabulary entries, the served model {vocab}"
+                )
         self._on_device: dict[str, torch.Tensor] = {}
         # batch row -> [strength, tokens, target [K, V] on device, live output-token list]
         self.active: dict[int, list[Any]] = {}
@@ -198,12 +215,11 @@ class GuardrailInterpolation(LogitsProcessor):
                 active.pop(index, None)
                 continue
             strength, tokens, key, digest = _parse(extra)
-            target = self._check(self.tensors, self.sha256, key, tokens, digest)
+            self._check(self.tensors, self.sha256, key, tokens, digest)
             if len(output_ids) >= tokens:  # e.g. a resumed request past its steered steps
                 active.pop(index, None)
                 continue
             active[index] = [strength, tokens, self._target(key), output_ids]
-            del target
         for a, b, direction in batch_update.moved:
             row_a, row_b = active.pop(a, None), active.pop(b, None)
             if row_a is not None:
@@ -220,9 +236,7 @@ class GuardrailInterpolation(LogitsProcessor):
             if step >= tokens:
                 done.append(index)
                 continue
-            vocab = min(logits.shape[-1], target.shape[-1])
-            row = logits[index, :vocab]
-            logits[index, :vocab] = (1.0 - strength) * row + strength * target[step, :vocab]
+            logits[index] = (1.0 - strength) * logits[index] + strength * target[step]
             if step + 1 >= tokens:
                 done.append(index)
         for index in done:

