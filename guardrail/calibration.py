@@ -50,6 +50,7 @@ class CalibrationConfig:
     elicit_prompts: int = 64  # harmful prompts (evenly spaced) used to elicit refusals
     progress: bool = True
     calibrators: Sequence[str] | None = None  # None: every registered calibrator
+    held_out_folds: int = 5  # folds for the held-out benign risks behind error-rate band edges (0: none)
     extra_meta: dict[str, Any] = field(default_factory=dict)
 
 
@@ -63,6 +64,7 @@ class CalibrationRow:
     format: str = "text"  # the input format band edges are resolved for: text, typographic, image
     category: str | None = None
     images: tuple[Any, ...] = ()
+    visual_context: str = ""  # what the reformulator wrote for its images (e.g. the OCR'd text)
 
 
 @dataclass
@@ -191,7 +193,8 @@ def build_calibrators(plugins: "PluginManager", names: Sequence[str] | None = No
 def gather(engine: Any, rows: Sequence[CalibrationRow], steps: int, layers: Sequence[int], show: bool = True) -> GatheredStates:
     """The shared risk pass over the rows' reformulated queries: N greedy steps' logits and the
     chosen layers' states at the last prompt token, in one batched pass."""
-    chats = [ChatRow(risk_query(r.text), tuple(r.images)) for r in rows]
+    sees = bool(getattr(engine, "supports_images", False))
+    chats = [ChatRow(risk_query(r.text, r.visual_context), tuple(r.images) if sees else ()) for r in rows]
     layers = sorted(set(int(l) for l in layers))
     # Rows of similar length batch together (less padding to compute); results go back in order.
     order = sorted(range(len(chats)), key=lambda i: len(chats[i].text))
@@ -212,14 +215,16 @@ def gather_needs(calibrators: dict[str, Any], ctx: CalibrationContext) -> tuple[
     return steps, sorted(layers)
 
 
-def fit_blocks(calibrators: dict[str, Any], data: GatheredStates, ctx: CalibrationContext) -> dict[str, Block]:
-    """Every calibrator's block, fitted on `data` only (a fold passes a subset)."""
+def fit_blocks(calibrators: dict[str, Any], data: GatheredStates, ctx: CalibrationContext,
+               keep: dict[str, Block] | None = None) -> dict[str, Block]:
+    """Every calibrator's block, fitted on `data` only (a fold passes a subset); blocks in `keep`
+    are taken as they are instead of being fitted again."""
     labels = data.labels
     if int(labels.sum()) < 4 or int((~labels).sum()) < 4:
         raise CalibrationError("calibration needs at least 4 harmful and 4 benign prompts")
     ctx.fitted = {}
     for name, cal in order_calibrators(calibrators):
-        block = cal.fit(data, ctx)
+        block = keep[name] if keep and name in keep else cal.fit(data, ctx)
         if not isinstance(block, Block):
             raise CalibrationError(f"calibrator {name!r} returned {type(block).__name__}, not a Block")
         ctx.fitted[name] = block
@@ -252,11 +257,13 @@ def calibrate_rows(
     cfg = cfg or CalibrationConfig()
     if cfg.steer_steps < cfg.steps:
         raise CalibrationError("steer_steps must be at least steps")
-    calibrators = build_calibrators((plugins or PluginManager()).load(), cfg.calibrators)
+    plugins_loaded = (plugins or PluginManager()).load()
+    calibrators = build_calibrators(plugins_loaded, cfg.calibrators)
     ctx = CalibrationContext(engine=backend, config=cfg)
     steps, layers = gather_needs(calibrators, ctx)
     data = gather(backend, rows, steps, layers, cfg.progress)
     blocks = fit_blocks(calibrators, data, ctx)
+    held_out = held_out_benign(calibrators, blocks, data, ctx, plugins_loaded) if cfg.held_out_folds else None
     harmful = [r.text for r in rows if r.harmful]
     benign = [r.text for r in rows if not r.harmful]
     meta: dict[str, Any] = {
@@ -272,6 +279,75 @@ def calibrate_rows(
         "warnings": list(ctx.warnings),
         **cfg.extra_meta,
     }
+    if held_out is not None:
+        meta["held_out_benign"] = held_out
     if out is not None:
         save_artifacts(out, blocks, meta)
     return Artifacts.from_blocks(meta, blocks)
+
+
+class _FoldEngine:
+    """The engine as an assessor sees it while scoring one fold: the fold's artifact instead of
+    the final one; everything else is the real engine's."""
+
+    def __init__(self, engine: Any, artifacts: Artifacts):
+        self._engine = engine
+        self.artifacts = artifacts
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+
+def held_out_folds(data: GatheredStates, k: int) -> tuple[str, list[list[int]]]:
+    """Test rows of each fold: whole sources left out when there are several, else rows by index."""
+    sources = sorted({r.source for r in data.rows})
+    if len(sources) >= 2:
+        return "source", [[i for i, r in enumerate(data.rows) if r.source == s] for s in sources]
+    return "row", [[i for i in range(len(data)) if i % k == f] for f in range(k)]
+
+
+def held_out_benign(calibrators: dict[str, Any], blocks: dict[str, Block], data: GatheredStates,
+                    ctx: CalibrationContext, plugins: "PluginManager") -> dict[str, Any]:
+    """Each assessor's risk for every benign row, from blocks fitted without that row's fold: the
+    scores error-rate band edges are resolved from (per input format). Assessors are the risk
+    stages named like a calibrator's block; a calibrator with `refit_per_fold = False` (the
+    prototypes, fitted on harmful rows only, so benign rows stay unseen) keeps its full block."""
+    from guardrail.engine.backend import RiskPass
+    from guardrail.pipeline.caption_cache import CaptionCache
+    from guardrail.plugin.protocols import StageEnv
+
+    assessors = [n for n in calibrators if n in plugins.stages()["risk_assessors"]]
+    split, folds = held_out_folds(data, ctx.config.held_out_folds)
+    keep = {n: b for n, b in blocks.items() if not getattr(calibrators[n], "refit_per_fold", True)}
+    risk: dict[str, dict[int, float]] = {n: {} for n in assessors}
+    skipped: list[str] = []
+    with progress(len(folds), "held-out benign risks", ctx.config.progress) as bar:
+        for f, test in enumerate(folds):
+            bar.update(1)
+            test_benign = [i for i in test if not data.rows[i].harmful]
+            train = sorted(set(range(len(data))) - set(test))
+            if not test_benign:
+                continue
+            try:
+                fold_ctx = CalibrationContext(engine=ctx.engine, config=ctx.config)
+                fold_blocks = fit_blocks(calibrators, data.subset(train), fold_ctx, keep)
+            except CalibrationError as exc:
+                skipped.append(f"fold {f}: {exc}")
+                continue
+            env = StageEnv(engine=_FoldEngine(ctx.engine, Artifacts.from_blocks({}, fold_blocks)),
+                           captions=CaptionCache(1), plugins=plugins)
+            held = data.subset(test_benign)
+            rp = RiskPass(step_logits=held.step_logits, states=held.states)
+            for name in assessors:
+                stage = plugins.create("risk_assessors", name)
+                stage.check(env, None)
+                for i, score in zip(test_benign, stage.score(rp, [None] * len(test_benign), env)):
+                    risk[name][i] = float(score.risk)
+    scored = sorted(set().union(*(set(r) for r in risk.values()))) if risk else []
+    formats = sorted({data.rows[i].format for i in scored})
+    return {
+        "split": split, "folds": len(folds), "skipped": skipped,
+        "rows": {fmt: sum(1 for i in scored if data.rows[i].format == fmt) for fmt in formats},
+        "risk": {name: {fmt: [round(r[i], 6) for i in scored if data.rows[i].format == fmt and i in r] for fmt in formats}
+                 for name, r in risk.items()},
+    }

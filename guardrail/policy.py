@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, Mapping, Union
+from typing import Any, Literal, Mapping, Sequence, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -94,15 +94,31 @@ class RiskSpec(_Strict):
         return self
 
 
+class FprTarget(_Strict):
+    """A band edge stated as an error rate: the edge is resolved, per input format (text,
+    typographic, image), so that at most this share of benign requests of that format the policy's
+    assessors were not fitted on rises above it (guardrail.method.edges; from the artifact)."""
+
+    benign_fpr: float = Field(gt=0.0, lt=1.0)
+
+
 class Band(_Strict):
-    """Risks in (previous band's `upto`, `upto`] fall in this band; the first band starts at 0."""
+    """Risks in (previous band's `upto`, `upto`] fall in this band; the first band starts at 0.
+    `upto` is a risk, or `{benign_fpr: RATE}`, resolved per input format when the policy loads."""
 
     name: str = Field(min_length=1)
-    upto: float = Field(gt=0.0, le=1.0)
+    upto: Union[float, FprTarget]
     action: Literal["steer", "refuse"] = "steer"
     strength: Union[float, Literal["risk"]] = 0.0
     scale: float = Field(default=1.0, ge=0.0, description="multiplies the risk when strength is `risk`")
     tokens: int = Field(default=3, ge=1, le=64, description="response tokens to steer")
+
+    @field_validator("upto")
+    @classmethod
+    def _upto_range(cls, value: Any) -> Any:
+        if isinstance(value, float) and not 0.0 < value <= 1.0:
+            raise ValueError("upto must be in (0, 1] or {benign_fpr: RATE}")
+        return value
 
     @field_validator("strength")
     @classmethod
@@ -155,12 +171,21 @@ class Policy(_Strict):
     @classmethod
     def _bands_cover_unit_interval(cls, bands: list[Band]) -> list[Band]:
         previous = 0.0
+        previous_fpr = 1.0
         for i, band in enumerate(bands):
+            if isinstance(band.upto, FprTarget):
+                # an edge higher up flags fewer benign requests: rates must fall as bands ascend
+                if band.upto.benign_fpr >= previous_fpr:
+                    raise LocatedValueError(f"bands must ascend: band {i} ({band.name}) has benign_fpr "
+                                            f"{band.upto.benign_fpr}, not below {previous_fpr}", (i, "upto"))
+                previous_fpr = band.upto.benign_fpr
+                continue
             if band.upto <= previous:
                 raise LocatedValueError(f"bands must ascend: band {i} ({band.name}) ends at {band.upto}, not above {previous}", (i, "upto"))
             previous = band.upto
-        if previous != 1.0:
-            raise LocatedValueError(f"bands must reach 1.0; the last ends at {previous}", (len(bands) - 1, "upto"))
+        last = bands[-1].upto
+        if isinstance(last, FprTarget) or last != 1.0:
+            raise LocatedValueError(f"bands must reach 1.0; the last ends at {last}", (len(bands) - 1, "upto"))
         seen: set[str] = set()
         for i, band in enumerate(bands):
             if band.name in seen:
@@ -168,11 +193,20 @@ class Policy(_Strict):
             seen.add(band.name)
         return bands
 
-    def band_for(self, risk: float) -> Band:
-        for band in self.bands:
+    @property
+    def error_rate_edges(self) -> bool:
+        """Whether some band edge is a benign false-positive rate (resolved per format at load)."""
+        return any(isinstance(b.upto, FprTarget) for b in self.bands)
+
+    def band_for(self, risk: float, bands: "Sequence[Band] | None" = None) -> Band:
+        """The band a risk falls in, over `bands` (numeric edges: a format's resolved ones)."""
+        bands = self.bands if bands is None else bands
+        for band in bands:
+            if isinstance(band.upto, FprTarget):
+                raise ValueError(f"band {band.name!r} has an error-rate edge; resolve it first (PolicyRuntime.bands_for)")
             if risk <= band.upto:
                 return band
-        return self.bands[-1]
+        return bands[-1]
 
     def canonical(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)

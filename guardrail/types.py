@@ -65,6 +65,7 @@ class Reformulation:
     answer_prompt: ChatRow  # what the answer is generated from
     cache_hits: int = 0
     cache_misses: int = 0
+    format: str = "text"  # the input format (text, typographic, image): error-rate band edges are per format
 
 
 @dataclass(frozen=True)

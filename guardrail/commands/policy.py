@@ -101,9 +101,14 @@ def build_stages(files: list[Path], model: str, artifacts: Path | None) -> list[
             continue
         try:
             policy = load_policy(path, plugins.known_stages())
-            prepare({policy.name: policy}, env)
+            runtime = prepare({policy.name: policy}, env)[policy.name]
         except (PolicyError, GuardrailError) as exc:
             lines.append(f"error: {path}: {exc}")
-        else:
-            lines.append(f"built: {path} (policy {policy.name})")
+            continue
+        lines.append(f"built: {path} (policy {policy.name})")
+        if policy.error_rate_edges:
+            for fmt, bands in sorted(runtime.bands.items()):
+                edges = ", ".join(f"{b.name} <= {b.upto:.4f}" for b in bands)
+                label = "any other format (the strictest)" if fmt == "*" else fmt
+                lines.append(f"  edges for {label}: {edges}")
     return lines

@@ -100,4 +100,4 @@ def fallback_reformulation(ctx: RequestContext, supports_images: bool) -> Reform
     """fail_open after a failed reformulation: the request's own text (and images), unchanged."""
     images = tuple(d.image for d in ctx.images) if supports_images else ()
     row = ChatRow(ctx.request.text, images)
-    return Reformulation(visual_context="", risk_prompt=row, answer_prompt=row)
+    return Reformulation(visual_context="", risk_prompt=row, answer_prompt=row, format="image" if ctx.images else "text")

@@ -8,12 +8,21 @@ with a PolicyError naming the policy and the problem; the registry then keeps th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from guardrail.errors import GuardrailError, PolicyError
 from guardrail.plugin.protocols import RiskAssessor, StageEnv, protocol_problems
-from guardrail.policy import AssessorSpec, Policy
+from guardrail.method.edges import conformal_rank, fpr_edge
+from guardrail.policy import AssessorSpec, Band, FprTarget, Policy
+
+
+def min_rows(rate: float) -> int:
+    """The fewest benign rows for which a conformal edge can promise `rate` (k ≤ n)."""
+    n = 1
+    while conformal_rank(n, rate) > n:
+        n += 1
+    return n
 
 
 @dataclass(frozen=True)
@@ -24,6 +33,67 @@ class PolicyRuntime:
     reformulator: Any
     assessors: tuple[tuple[AssessorSpec, RiskAssessor], ...]
     controller: Any
+    # Bands with numeric edges per input format; "*" for any format (error-rate edges resolved)
+    bands: dict[str, tuple[Band, ...]] = field(default_factory=dict)
+
+    def bands_for(self, fmt: str) -> tuple[Band, ...]:
+        return self.bands.get(fmt) or self.bands.get("*") or tuple(self.policy.bands)
+
+
+def resolve_bands(policy: Policy, artifacts: Any) -> dict[str, tuple[Band, ...]]:
+    """Numeric band edges per input format. An `upto: {benign_fpr: r}` edge becomes, for each
+    format, the conformal edge over the held-out benign risks of that format (the policy's
+    assessors combined by its rule, row by row); formats the artifact has no benign rows of get
+    the lowest edge of those resolved (the strictest: more steering, never less)."""
+    if not policy.error_rate_edges:
+        return {"*": tuple(policy.bands)}
+    held = (artifacts.meta.get("held_out_benign") if artifacts is not None else None) or {}
+    risk = held.get("risk", {})
+    names = [spec.use for spec in policy.risk.assessors]
+    missing = [n for n in names if n not in risk]
+    if missing:
+        raise PolicyError([("bands", 1, f"error-rate band edges need held-out benign risks for {', '.join(missing)}; "
+                                        f"the artifact has them for: {', '.join(sorted(risk)) or 'none'} "
+                                        "(recalibrate with held-out folds)")])
+    formats = sorted(set.intersection(*(set(risk[n]) for n in names)))
+    out: dict[str, tuple[Band, ...]] = {}
+    for fmt in formats:
+        rows = list(zip(*(risk[n][fmt] for n in names)))
+        combined = [_combine(row, policy) for row in rows]
+        try:
+            out[fmt] = _numeric(policy, combined)
+        except PolicyError as exc:
+            raise PolicyError([(f, line, f"format {fmt}: {m}") for f, line, m in exc.problems]) from None
+    if not out:
+        raise PolicyError([("bands", 1, "error-rate band edges: the artifact has no held-out benign rows")])
+    out["*"] = tuple(b.model_copy(update={"upto": min(out[f][i].upto for f in formats)}) for i, b in enumerate(policy.bands))
+    return out
+
+
+def _combine(values: tuple[float, ...], policy: Policy) -> float:
+    rule, specs = policy.risk.combine, policy.risk.assessors
+    if rule == "max":
+        return max(values)
+    if rule == "mean":
+        return sum(values) / len(values)
+    return sum(s.weight * v for s, v in zip(specs, values)) / sum(s.weight for s in specs)
+
+
+def _numeric(policy: Policy, benign: list[float]) -> tuple[Band, ...]:
+    """The policy's bands with every error-rate edge resolved over these benign risks, kept
+    ascending (an edge never below the one before it) and inside (0, 1]."""
+    out, previous = [], 0.0
+    for band in policy.bands:
+        edge = fpr_edge(benign, band.upto.benign_fpr) if isinstance(band.upto, FprTarget) else float(band.upto)
+        if edge == float("inf"):  # too few benign rows to promise that rate: refuse, never loosen
+            rate = band.upto.benign_fpr
+            raise PolicyError([("bands", 1, f"band {band.name!r}: benign_fpr {rate} needs at least "
+                                            f"{min_rows(rate)} held-out benign rows of a format; "
+                                            f"the artifact has {len(benign)} (calibrate on more benign rows)")])
+        edge = min(1.0, max(edge, previous, 1e-9))
+        out.append(band.model_copy(update={"upto": edge}))
+        previous = edge
+    return tuple(out)
 
 
 def _conforming(kind: str, name: str, stage: Any) -> Any:
@@ -59,7 +129,19 @@ def build(policy: Policy, env: StageEnv) -> PolicyRuntime:
         check = getattr(stage, "check", None)
         if check is not None:
             check(env, policy)
-    return runtime
+    # A backend may declare the risk-pass outputs it can give (`risk_inputs`: "step_logits",
+    # "layer_states"; undeclared = both). An assessor needing another is refused here, at load.
+    inputs = getattr(env.engine, "risk_inputs", None)
+    if inputs is not None:
+        for spec, assessor in runtime.assessors:
+            need = assessor.needs(env)
+            lacking = [n for n, wanted in (("layer_states", need.layers), ("step_logits", need.steps)) if wanted and n not in inputs]
+            if lacking:
+                raise PolicyError([("risk", 1, f"assessor {spec.use!r} needs {', '.join(lacking)}, which the "
+                                               f"{type(env.engine).__name__} backend cannot give (it gives: "
+                                               f"{', '.join(sorted(inputs)) or 'none'})")])
+    return PolicyRuntime(runtime.policy, runtime.reformulator, runtime.assessors, runtime.controller,
+                         resolve_bands(policy, env.artifacts))
 
 
 def prepare(policies: dict[str, Policy], env: StageEnv) -> dict[str, PolicyRuntime]:

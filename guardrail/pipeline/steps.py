@@ -115,7 +115,8 @@ def _decision(ctx: RequestContext, supported: frozenset[type]) -> tuple[str, Ste
     if req.unguarded:
         return "unguarded", NO_STEERING, None, ctx.assess_only
     risk = ctx.assessment.risk if ctx.assessment else 0.0
-    band = policy.band_for(risk)
+    fmt = ctx.reformulation.format if ctx.reformulation is not None else "text"
+    band = policy.band_for(risk, ctx.runtime.bands_for(fmt))
     controller = ctx.runtime.controller
     if req.force_strength is not None:
         return "forced", _plan(controller, req.force_strength, band.tokens, supported), band, ctx.assess_only

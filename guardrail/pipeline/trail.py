@@ -88,6 +88,7 @@ class AuditTrail:
             "action": result.action,
             "risk": result.risk,
             "band": result.band,
+            "input_format": ref.format if ref else None,
             "strength": result.strength,
             "steering": ctx.plan.method if ctx.plan.active else "none",
             "steered_tokens": ctx.plan.tokens if ctx.plan.active else 0,

@@ -76,6 +76,12 @@ class OcrCaptioner:
         lines = [respace(text) for _box, text, score in (result or []) if float(score) >= self.min_confidence]
         return " ".join(line for line in lines if line)[: self.max_chars]
 
+    @staticmethod
+    def input_format(caption: str) -> str:
+        """`typographic` when the image carried readable text, else `image` (band edges given as
+        error rates are resolved per format)."""
+        return "typographic" if caption.startswith("The image shows the text:") else "image"
+
     def caption(self, images: Sequence[Any], env: Any) -> list[str]:
         out = []
         for image in images:

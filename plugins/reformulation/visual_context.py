@@ -30,8 +30,9 @@ class VisualContextReformulator:
         if check is not None:
             check(env, policy)
 
-    def visual_contexts(self, contexts: Sequence[RequestView], env: Any) -> tuple[list[str], list[int]]:
-        """One visual context per request (captions of its images joined), with cache hits/misses."""
+    def visual_contexts(self, contexts: Sequence[RequestView], env: Any) -> tuple[list[str], list[int], list[str]]:
+        """One visual context per request (captions of its images joined), its cache hits, and its
+        input format."""
         fingerprint = env.engine.fingerprint()
         fp = f"{fingerprint.get('architecture')}:{fingerprint.get('weights_sha256')}"
         key_of = lambda sha: (sha, fp, self.captioner, repr(sorted(self.captioner_params.items())))  # noqa: E731
@@ -57,13 +58,23 @@ class VisualContextReformulator:
                 captions[key] = text
                 env.captions.put(key, text)
         out = [" ".join(captions[key_of(img.sha256)] for img in ctx.images) for ctx in contexts]
-        return out, hits_per_ctx
+        formats = [self._format([captions[key_of(img.sha256)] for img in ctx.images], env) for ctx in contexts]
+        return out, hits_per_ctx, formats
+
+    def _format(self, captions: list[str], env: Any) -> str:
+        """The request's input format: text, or what the captioner says its images were (an image
+        with readable text is `typographic`); any typographic image makes the request typographic."""
+        if not captions:
+            return "text"
+        of = getattr(env.captioner(self.captioner, self.captioner_params), "input_format", None)
+        formats = {of(c) for c in captions} if of is not None else {"image"}
+        return "typographic" if "typographic" in formats else "image"
 
     def reformulate(self, contexts: Sequence[RequestView], env: Any) -> list[Reformulation]:
-        visual, hits = self.visual_contexts(contexts, env)
+        visual, hits, formats = self.visual_contexts(contexts, env)
         sees = env.engine.supports_images
         out = []
-        for ctx, vc, hit in zip(contexts, visual, hits):
+        for ctx, vc, hit, fmt in zip(contexts, visual, hits, formats):
             images = tuple(d.image for d in ctx.images) if sees else ()
             question = ctx.request.text
             answer_text = question if (sees or not vc) else f"{vc} {question}"
@@ -74,6 +85,7 @@ class VisualContextReformulator:
                     answer_prompt=ChatRow(answer_text, images),
                     cache_hits=hit,
                     cache_misses=len(ctx.images) - hit,
+                    format=fmt,
                 )
             )
         return out
@@ -84,7 +96,8 @@ class PlainReformulator(VisualContextReformulator):
 
     def reformulate(self, contexts: Sequence[RequestView], env: Any) -> list[Reformulation]:
         base = super().reformulate(contexts, env)
-        return [Reformulation(r.visual_context, r.answer_prompt, r.answer_prompt, r.cache_hits, r.cache_misses) for r in base]
+        return [Reformulation(r.visual_context, r.answer_prompt, r.answer_prompt, r.cache_hits, r.cache_misses, r.format)
+                for r in base]
 
 
 @hookimpl

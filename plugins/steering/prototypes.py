@@ -199,6 +199,9 @@ class PrototypeCalibrator:
     name = PROTOTYPES
     version = 1
     requires: tuple[str, ...] = ()
+    # Fitted on harmful rows only: held-out benign scores stay held out without refitting it per
+    # fold (which would elicit refusals again, the costliest part of calibration).
+    refit_per_fold = False
 
     def needs(self, ctx: Any) -> RiskNeeds:
         return RiskNeeds()  # the prototypes come from passes of their own over the harmful rows
