@@ -15,6 +15,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="the artifact folder to write (created if missing)")
     p.add_argument("--harmful", type=Path, help="harmful prompts (.txt/.csv/.jsonl); default: the packaged list")
     p.add_argument("--benign", type=Path, help="benign prompts; default: the packaged list")
+    p.add_argument("--data", type=Path, default=None,
+                   help="calibrate on the sources of a `guardrail data` folder (every source, harmful and benign, "
+                        "text and typographic) instead of the packaged lists")
+    p.add_argument("--sources", default=None, help="with --data: comma-separated sources (default: all prepared)")
+    p.add_argument("--no-typographic", action="store_true", help="with --data: text rows only")
+    p.add_argument("--policy", type=Path, default=None,
+                   help="with --data: the policy whose reformulator writes the typographic rows' visual context "
+                        "(default: policies/default.yaml)")
     p.add_argument("--prototypes", default="elicited", choices=["paper", "elicited", "teacher-forced"],
                    help="how the prototypes calibrator makes the refusal states (default: %(default)s)")
     p.add_argument("--calibrators", default=None,
@@ -31,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from guardrail.calibration import CalibrationConfig, calibrate, packaged_prompts
+    from guardrail.calibration import CalibrationConfig, calibrate, calibrate_rows, packaged_prompts
     from guardrail.models import load_model
     from guardrail.prompt_files import read_prompts
     from guardrail.engine.transformers import TransformersBackend
@@ -46,10 +54,38 @@ def run(args: argparse.Namespace) -> int:
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        art = calibrate(backend, harmful, benign, cfg, out=args.out)
+        if args.data is not None:
+            rows = source_rows(backend, args.data, args.sources, not args.no_typographic, args.policy)
+            art = calibrate_rows(backend, rows, cfg, out=args.out)
+        else:
+            art = calibrate(backend, harmful, benign, cfg, out=args.out)
     print(summary(art.meta, args.out))
     _reraise(caught, art.meta.get("warnings", []))
     return 0
+
+
+def source_rows(backend, data: Path, sources: str | None, typographic: bool, policy_file: Path | None) -> list:
+    """Calibration rows from prepared sources: harmful rows, and benign and benign-but-sensitive
+    rows as benign, in each format; typographic rows carry the visual context the policy's
+    reformulator writes for their image (as a request would get it)."""
+    from guardrail.calibration import CalibrationRow
+    from guardrail.evaluation import crossval
+    from guardrail.pipeline.caption_cache import CaptionCache
+    from guardrail.plugin.manager import PluginManager
+    from guardrail.plugin.protocols import StageEnv
+    from guardrail.policy import load_policy
+
+    names = [s.strip() for s in sources.split(",") if s.strip()] if sources else None
+    rows = [CalibrationRow(r["prompt"], r["label"] == "harmful", r["source"], "text", r.get("category"))
+            for r in crossval.load_rows(data, names, "text")]
+    if typographic:
+        typo = crossval.load_rows(data, names, "typographic")
+        policy = load_policy(policy_file or Path(__file__).resolve().parents[2] / "policies" / "default.yaml")
+        env = StageEnv(engine=backend, captions=CaptionCache(), plugins=PluginManager().load())
+        _, contexts = crossval.risk_prompts(env, policy, typo)
+        rows += [CalibrationRow(r["prompt"], r["label"] == "harmful", r["source"], "typographic", r.get("category"),
+                                visual_context=vc) for r, vc in zip(typo, contexts)]
+    return rows
 
 
 def _reraise(caught: list, shown: list[str]) -> None:
