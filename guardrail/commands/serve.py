@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from guardrail.commands.common import add_model
+from guardrail.commands.common import add_backend, add_model
 
 ADMIN_TOKEN_ENV = "GUARDRAIL_ADMIN_TOKEN"
 
@@ -14,6 +14,7 @@ ADMIN_TOKEN_ENV = "GUARDRAIL_ADMIN_TOKEN"
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve an OpenAI-compatible chat endpoint through the guard")
     add_model(p)
+    add_backend(p)
     p.add_argument("--artifacts", type=Path, help="calibration artifact folder (guardrail calibrate)")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--policies", type=Path, help="a policies directory with tenants.yaml (api_keys too)")
@@ -80,9 +81,12 @@ def run(args: argparse.Namespace) -> int:
         artifacts=args.artifacts,
         device=args.device,
         audit_log=args.audit_log,
+        backend=args.backend,
+        vllm_url=args.vllm_url,
     )
     try:
         serve_forever(create_app(guard, config), host=args.host, port=args.port, log_level=args.log_level)
     finally:
         guard.close()
+        getattr(guard.engine, "close", lambda: None)()  # a vLLM server started for this command
     return 0

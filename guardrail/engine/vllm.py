@@ -29,10 +29,12 @@ and forced prefixes are refused the same way. Images are not supported yet (text
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -223,6 +225,7 @@ class VllmServer:
         self._log = open(self.log_path, "wb")
         self.process = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
                                         cwd=self.workdir, start_new_session=True)
+        atexit.register(self.close)  # never leave an engine behind when this process exits
         try:
             self._wait(startup_timeout_s)
         except BaseException:
@@ -250,15 +253,25 @@ class VllmServer:
             time.sleep(0.5)
         raise ModelError(f"vllm serve did not become healthy within {timeout_s:.0f} s:\n{self.log_tail()}")
 
+    def _signal(self, sig: int) -> None:
+        try:
+            os.killpg(self.process.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
     def close(self) -> None:
+        atexit.unregister(self.close)
         if self.process.poll() is None:
-            self.process.terminate()
+            # The server's own session: its engine-core child goes with it.
+            self._signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                self.process.kill()
+                self._signal(signal.SIGKILL)
                 self.process.wait(timeout=30)
-        self._log.close()
+        self._signal(signal.SIGKILL)  # whatever of the group outlived the server
+        if not self._log.closed:
+            self._log.close()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 

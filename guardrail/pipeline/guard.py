@@ -67,7 +67,21 @@ class Guardrail:
         device: str | None = None,
         **kwargs: Any,
     ) -> "Guardrail":
-        """Build a guard from a model spec (`smollm2`, `tiny-random:ARCH`, a local folder)."""
+        """Build a guard from a model spec (`smollm2`, `tiny-random:ARCH`, a local folder).
+        `backend="vllm"` serves it through vLLM instead (guardrail.engine.vllm; `vllm_url=` for a
+        running server, else one is started on loopback)."""
+        backend, vllm_url = kwargs.pop("backend", "transformers"), kwargs.pop("vllm_url", None)
+        if backend == "vllm":
+            from guardrail.engine.vllm import build
+
+            engine = build(model, artifacts, url=vllm_url)
+            try:
+                return cls(engine, policies, **kwargs)
+            except BaseException:
+                engine.close()  # a policy refused at load must not leave a vLLM server behind
+                raise
+        if backend != "transformers":
+            raise ValueError(f"unknown backend {backend!r} (transformers or vllm)")
         from guardrail.engine.transformers import TransformersBackend
         from guardrail.method.artifacts import load_artifacts
         from guardrail.models import load_model
