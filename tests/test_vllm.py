@@ -42,6 +42,20 @@ PROMPTS = [
 ]
 
 
+BANDS = """\
+name: bands
+risk:
+  assessors:
+    - use: prototype_similarity
+steering:
+  use: prototype_interpolation
+bands:
+  - {name: low, upto: 0.3, action: steer, strength: 0.0}
+  - {name: mid, upto: 0.7, action: steer, strength: 0.5, tokens: 3}
+  - {name: high, upto: 1.0, action: steer, strength: 1.0, tokens: 16}
+"""
+
+
 def _vllm_venv() -> Path:
     from guardrail.engine.vllm import BUILD_HINT, default_venv
 
@@ -192,20 +206,9 @@ def test_risk_pass_gives_the_same_similarity_and_band(vllm, hf, tmp_path):
     from guardrail.pipeline import Guardrail
     from guardrail.types import Request
 
-    prompts = PROMPTS + packaged_prompts("harmful")[1::8] + packaged_prompts("benign")[1::8]
+    prompts = PROMPTS + packaged_prompts("harmful")[1::16] + packaged_prompts("benign")[1::16]
     policy = tmp_path / "bands.yaml"
-    policy.write_text(textwrap.dedent("""
-        name: bands
-        risk:
-          assessors:
-            - use: prototype_similarity
-        steering:
-          use: prototype_interpolation
-        bands:
-          - {name: low, upto: 0.3, action: steer, strength: 0.0}
-          - {name: mid, upto: 0.7, action: steer, strength: 0.5, tokens: 3}
-          - {name: high, upto: 1.0, action: steer, strength: 1.0, tokens: 16}
-    """))
+    policy.write_text(BANDS)
     requests = [Request(p, max_new_tokens=4) for p in prompts]
     a = Guardrail(vllm, policy).assess_batch(requests)
     b = Guardrail(hf, policy).assess_batch(requests)
@@ -269,20 +272,6 @@ def test_targets_outside_the_artifact_are_refused(vllm):
         vllm.generate([ChatRow(PROMPTS[0])], [SteeringPlan((LogitInterpolation(1.0, 2, stray),))], 4)
 
 
-BANDS = """\
-name: bands
-risk:
-  assessors:
-    - use: prototype_similarity
-steering:
-  use: prototype_interpolation
-bands:
-  - {name: low, upto: 0.3, action: steer, strength: 0.0}
-  - {name: mid, upto: 0.7, action: steer, strength: 0.5, tokens: 3}
-  - {name: high, upto: 1.0, action: steer, strength: 1.0, tokens: 16}
-"""
-
-
 def test_remote_shape_answers_the_openai_client_with_the_transformers_verdicts(vllm, hf, artifact_dir, tmp_path):
     """`guardrail serve --backend vllm --vllm-url URL`: a guard built by from_model against an engine
     it did not start, behind guardrail's own HTTP server, called with the official client."""
@@ -313,3 +302,19 @@ def test_remote_shape_answers_the_openai_client_with_the_transformers_verdicts(v
         guard.close()
         guard.engine.close()
     assert vllm.server.process.poll() is None  # closing a remote-shape guard leaves the engine running
+
+
+def test_cli_generate_backend_vllm_refuses_a_probe_policy_and_answers_with_the_paper_one(vllm, artifact_dir, capsys):
+    """`guardrail generate --backend vllm --vllm-url URL`: the paper's policy answers (strength =
+    risk, first 3 tokens steered in the engine); the default policy (linear_probe) is an error."""
+    import json
+
+    from guardrail.cli import main
+
+    base = ["generate", "--backend", "vllm", "--vllm-url", vllm.url, "--model", "smollm2",
+            "--artifacts", str(artifact_dir), "--prompt", PROMPTS[1], "--max-new-tokens", "8"]
+    assert main(base + ["--policy", str(REPO / "policies" / "paper.yaml"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["policy"] == "paper" and out["action"] == "steer" and 0 < out["strength"] <= 1 and out["text"]
+    assert main(base + ["--policy", str(REPO / "policies" / "default.yaml")]) == 1
+    assert "linear_probe" in capsys.readouterr().err
