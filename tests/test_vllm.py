@@ -318,3 +318,22 @@ def test_cli_generate_backend_vllm_refuses_a_probe_policy_and_answers_with_the_p
     assert out["policy"] == "paper" and out["action"] == "steer" and 0 < out["strength"] <= 1 and out["text"]
     assert main(base + ["--policy", str(REPO / "policies" / "default.yaml")]) == 1
     assert "linear_probe" in capsys.readouterr().err
+
+
+def test_top_k_risk_pass_is_within_its_certified_bound(vllm, hf):
+    """risk_top_logprobs=K: the top K per step with the tail mass spread evenly; a row whose bound
+    on the similarity exceeds the tolerance is asked again for the full vocabulary. Against
+    transformers' exact similarity the error stays within the tolerance on every row."""
+    from guardrail.engine.vllm import VllmBackend
+    from guardrail.method.risk_math import prototype_similarity
+
+    top = VllmBackend(vllm.model_dir, vllm.artifacts, url=vllm.url, risk_top_logprobs=1000, risk_tolerance=1e-3)
+    try:
+        rows = [ChatRow(p) for p in PROMPTS]
+        proto = vllm.artifacts.tensors["prototypes/logits"][:3]
+        got = prototype_similarity(top.risk_pass(rows, 3, []).step_logits, proto, 0.3)
+        want = prototype_similarity(hf.risk_pass(rows, 3, []).step_logits, proto, 0.3)
+        assert (got - want).abs().max() <= 1e-3 + 1e-4, (got, want)
+        assert 0 <= top.risk_fallbacks <= len(rows)
+    finally:
+        top.close()

@@ -15,10 +15,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("bench", help="measure the guard's overhead over plain generate (ratios, JSON)")
     add_arguments(p)
+    p.add_argument("--backend", choices=["transformers", "vllm"], default="transformers",
+                   help="vllm: the guard on vLLM vs plain vLLM and vs the guard on transformers (issue 14; "
+                        "text-only, smollm2 unless --model names a folder; guardrail.engine.vllm_bench)")
+    p.add_argument("--vllm-batch", type=int, default=32, help="with --backend vllm: concurrent requests")
+    p.add_argument("--vllm-interval-ms", type=float, default=100.0,
+                   help="with --backend vllm: arrival interval of the open-loop stream")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.backend == "vllm":
+        from guardrail.engine.vllm_bench import execute as execute_vllm
+
+        return execute_vllm(args)
     from guardrail.evaluation.benchmark import execute
 
     return execute(args)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import atexit
 import hashlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -294,6 +295,8 @@ class VllmBackend:
         name: str | None = None,
         concurrency: int = 64,
         request_timeout_s: float = 600.0,
+        risk_top_logprobs: int | None = None,
+        risk_tolerance: float = 1e-4,
     ):
         import httpx
 
@@ -318,6 +321,12 @@ class VllmBackend:
         self.model_name = self._served_model()
         self._target_keys: dict[int, str] = {}
         self.artifact_sha256 = str(artifacts.meta.get("tensors_sha256")) if artifacts is not None else None
+        # None: the full vocabulary (exact). K: the top K per step, the rest of each step's mass
+        # spread evenly, and the full vocabulary again for any row whose certified error bound on
+        # a softmax-cosine statistic exceeds risk_tolerance (see _top_k_bound).
+        self.risk_top_logprobs = risk_top_logprobs
+        self.risk_tolerance = risk_tolerance
+        self.risk_fallbacks = 0  # rows that needed the full vocabulary after a top-K pass
 
     @classmethod
     def start(cls, model_dir: str | Path, artifacts_dir: str | Path | None = None,
@@ -484,27 +493,59 @@ class VllmBackend:
         if not steps:
             return RiskPass(step_logits=None)
         vocab = self.adapter.vocab_size
-        bodies = [self._body(self.prompt_ids(r), steps, min_tokens=steps, logprobs=-1,
-                             return_tokens_as_token_ids=True) for r in rows]
+        top = self.risk_top_logprobs if self.risk_top_logprobs and self.risk_top_logprobs < vocab else None
+        prompts = [self.prompt_ids(r) for r in rows]
 
-        def one(body: dict[str, Any]) -> tuple[torch.Tensor, list[int]]:
+        def one(prompt: list[int], k: int | None) -> tuple[torch.Tensor, list[int], float]:
+            body = self._body(prompt, steps, min_tokens=steps, logprobs=-1 if k is None else k,
+                              return_tokens_as_token_ids=True)
             choice = self._post(body)["choices"][0]
-            out = torch.full((steps, vocab), float("-inf"))
             tops = choice["logprobs"]["top_logprobs"]
             if len(tops) != steps:
                 raise ModelError(f"vLLM returned log-probabilities for {len(tops)} steps, not {steps}")
-            for n, top in enumerate(tops):
-                ids = torch.tensor([int(k.rsplit(":", 1)[1]) for k in top], dtype=torch.long)
-                out[n, ids] = torch.tensor(list(top.values()), dtype=torch.float32)
-            return out, list(choice["token_ids"])
+            out = torch.full((steps, vocab), float("-inf"))
+            for n, entries in enumerate(tops):
+                ids = torch.tensor([int(key.rsplit(":", 1)[1]) for key in entries], dtype=torch.long)
+                out[n, ids] = torch.tensor(list(entries.values()), dtype=torch.float32)
+            bound = 0.0 if k is None else _top_k_fill(out)
+            return out, list(choice["token_ids"]), bound
 
-        parts = self._map(one, bodies)
+        parts = self._map(lambda p: one(p, top), prompts)
+        if top is not None:
+            redo = [i for i, part in enumerate(parts) if part[2] > self.risk_tolerance]
+            self.risk_fallbacks += len(redo)
+            for i, part in zip(redo, self._map(lambda i: one(prompts[i], None), redo)):
+                parts[i] = part
         logits = torch.stack([p[0] for p in parts])
         tokens = torch.tensor([p[1][:steps] for p in parts], dtype=torch.long)
         return RiskPass(step_logits=logits, tokens=tokens)
 
 
-def build(model: str, artifacts_dir: str | Path | None = None, *, url: str | None = None, **server_kwargs: Any) -> VllmBackend:
+def _top_k_fill(out: torch.Tensor) -> float:
+    """Complete top-K log-probabilities [steps, V] (missing = -inf) in place: each step's missing
+    mass t_n is spread evenly over its missing entries, so softmax(out[n]) has the exact top-K
+    probabilities and the exact tail mass. Returns a certified bound on how far the cosine between
+    q̂ = Σ γ^(n−1) softmax(out[n]) (any γ in (0, 1]) and any fixed vector can be from the exact one:
+    ‖q̂_n − q_n‖ ≤ e_n = √(u_n·t_n) + t_n/√(V−K) (u_n: the smallest kept probability bounds every
+    tail entry), ‖q̂ − q‖ ≤ Σ e_n, ‖q‖ ≥ ‖q_1‖ ≥ ‖kept part of q_1‖ (the q_n are non-negative), and
+    |cos(q̂, p) − cos(q, p)| ≤ 2‖q̂ − q‖/‖q‖."""
+    steps, vocab = out.shape
+    err, norm = 0.0, 0.0
+    for n in range(steps):
+        kept = torch.isfinite(out[n])
+        probs = out[n][kept].double().exp()
+        k = int(kept.sum())
+        tail = min(1.0, max(0.0, 1.0 - float(probs.sum())))
+        if k < vocab:
+            out[n][~kept] = math.log(tail / (vocab - k)) if tail > 0 else float("-inf")
+        err += (float(probs.min()) * tail) ** 0.5 + tail / max(1, vocab - k) ** 0.5
+        if n == 0:
+            norm = float((probs ** 2).sum()) ** 0.5
+    return 2.0 * err / max(norm, 1e-12)
+
+
+def build(model: str, artifacts_dir: str | Path | None = None, *, url: str | None = None,
+          risk_top_logprobs: int | None = None, **server_kwargs: Any) -> VllmBackend:
     """A VllmBackend for a model spec (`smollm2` or a local transformers folder with safetensors):
     connected to `url` when given (the remote shape), else to a `vllm serve` started here."""
     from guardrail.method.artifacts import load_artifacts
@@ -520,10 +561,10 @@ def build(model: str, artifacts_dir: str | Path | None = None, *, url: str | Non
     adapter = HeadlessAdapter(folder, model)
     art = load_artifacts(artifacts_dir, adapter.fingerprint()) if artifacts_dir is not None else None
     if url is not None:
-        return VllmBackend(folder, art, url=url, name=model)
+        return VllmBackend(folder, art, url=url, name=model, risk_top_logprobs=risk_top_logprobs)
     server = VllmServer(folder, artifacts_dir, **server_kwargs)
     try:
-        return VllmBackend(folder, art, server=server, name=model)
+        return VllmBackend(folder, art, server=server, name=model, risk_top_logprobs=risk_top_logprobs)
     except BaseException:
         server.close()
         raise
