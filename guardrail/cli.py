@@ -51,6 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if not sys.stderr.isatty():
+        _quiet_library_progress()
     try:
         return int(args.func(args) or 0)
     except GuardrailError as exc:
@@ -62,3 +64,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
+
+
+def _quiet_library_progress() -> None:
+    """transformers' and huggingface_hub's own progress bars (GGUF conversion, weight loading)
+    write carriage returns into logs and pipes; guardrail's bars already stay off there."""
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return
+    hf_logging.disable_progress_bar()
