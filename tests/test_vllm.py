@@ -337,3 +337,11 @@ def test_top_k_risk_pass_is_within_its_certified_bound(vllm, hf):
         assert 0 <= top.risk_fallbacks <= len(rows)
     finally:
         top.close()
+
+
+def test_a_missing_engine_says_how_to_build_it(tmp_path, monkeypatch):
+    from guardrail.engine.vllm import VllmServer
+
+    monkeypatch.setenv("GUARDRAIL_VLLM_VENV", str(tmp_path / "no-venv"))
+    with pytest.raises(ModelError, match=r"not installed: .*no-venv/bin/vllm is missing.*make vllm-env"):
+        VllmServer(tmp_path, None)

