@@ -45,6 +45,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_library_progress() -> None:
+    """transformers' and huggingface_hub's own progress bars (GGUF conversion, weight loading)
+    write carriage returns into logs and pipes; guardrail's bars already stay off there."""
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return
+    hf_logging.disable_progress_bar()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -64,16 +77,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
-
-
-def _quiet_library_progress() -> None:
-    """transformers' and huggingface_hub's own progress bars (GGUF conversion, weight loading)
-    write carriage returns into logs and pipes; guardrail's bars already stay off there."""
-    import os
-
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    try:
-        from transformers.utils import logging as hf_logging
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return
-    hf_logging.disable_progress_bar()
