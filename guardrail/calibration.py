@@ -24,12 +24,17 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-import torch
 
+from guardrail.lazy import lazy_module
 from guardrail.errors import GuardrailError
 from guardrail.method.artifacts import Artifacts, Block, BlockView, save_artifacts
 from guardrail.method.prompts import risk_query
 from guardrail.types import ChatRow
+
+if TYPE_CHECKING:
+    import torch
+else:  # imported when a tensor is first made, so registering and routing need no torch
+    torch = lazy_module("torch")
 
 if TYPE_CHECKING:  # pragma: no cover
     from guardrail.plugin.manager import PluginManager
@@ -201,8 +206,9 @@ def gather(engine: Any, rows: Sequence[CalibrationRow], steps: int, layers: Sequ
     passes = chunked([chats[i] for i in order], engine.batch_size, "risk pass", show,
                      lambda chunk: engine.risk_pass(chunk, steps, layers))
     back = torch.argsort(torch.tensor(order))
-    step_logits = torch.cat([p.step_logits for p in passes])[back] if steps else None
-    states = {l: torch.cat([p.states[l] for p in passes])[back] for l in layers}
+    # as_tensor: a backend (a test double) may hand plain nested lists; calibration is tensor maths
+    step_logits = torch.cat([torch.as_tensor(p.step_logits, dtype=torch.float32) for p in passes])[back] if steps else None
+    states = {l: torch.cat([torch.as_tensor(p.states[l], dtype=torch.float32) for p in passes])[back] for l in layers}
     return GatheredStates(rows=tuple(rows), step_logits=step_logits, states=states)
 
 

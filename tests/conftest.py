@@ -10,13 +10,18 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
+
+try:
+    import torch
+except ImportError:  # only in test_pipeline_fake's torch-free rerun, which uses no fixture below
+    torch = None
 
 FAMILIES = ["llama", "llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm", "paligemma"]
 VLM_FAMILIES = [f for f in FAMILIES if f != "llama"]
 REPO = Path(__file__).resolve().parent.parent
 
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+if torch is not None:
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 
 @pytest.fixture(autouse=True)

@@ -1,12 +1,11 @@
 """A `Backend` with no model: words are tokens, answers are canned, plans are recorded and applied
 by their meaning (a ForcedPrefix's ids come first). Pipeline, runner, tenant, audit and span tests
-read like transcripts with it and need no weights and no calibration."""
+read like transcripts with it and need no weights, no calibration and no torch (its states are
+plain lists; test_pipeline_fake runs once more with torch unimportable to keep it so)."""
 
 from __future__ import annotations
 
 from typing import Any, Callable, Sequence
-
-import torch
 
 from guardrail.engine.backend import RiskPass
 from guardrail.engine.interventions import KINDS, ForcedPrefix, SteeringPlan, unsupported
@@ -52,11 +51,11 @@ class FakeBackend:
         return ["The image shows nothing in particular." for _ in rows]
 
     def risk_pass(self, rows: Sequence[ChatRow], steps: int, layers: Sequence[int]) -> RiskPass:
-        """State of every layer: [word count, 1 if 'bomb' is in the prompt]."""
+        """State of every layer: [word count, 1 if 'bomb' is in the prompt]; flat step logits."""
         self.risk_prompts += [r.text for r in rows]
-        feats = torch.tensor([[float(len(r.text.split())), float("bomb" in r.text.lower())] for r in rows])
-        logits = torch.zeros(len(rows), steps, 8) if steps else None
-        return RiskPass(step_logits=logits, states={int(l): feats.clone() for l in layers})
+        feats = [[float(len(r.text.split())), float("bomb" in r.text.lower())] for r in rows]
+        logits = [[[0.0] * 8 for _ in range(steps)] for _ in rows] if steps else None
+        return RiskPass(step_logits=logits, states={int(l): [list(f) for f in feats] for l in layers})
 
     def generate(self, rows: Sequence[ChatRow], plans: Sequence[SteeringPlan], max_new_tokens: int,
                  on_tokens: Any = None) -> list[Generation]:

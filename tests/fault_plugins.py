@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
 
 from guardrail import hookimpl
 from guardrail.method.artifacts import load_artifacts, save_artifacts
@@ -224,6 +223,8 @@ def random_artifacts(adapter: Any, directory: Path, steps: int = 8, seed: int = 
     through the real code, so steering has something to interpolate towards. No calibration."""
     fp = adapter.fingerprint()
     d, vocab, layers = fp["hidden_size"], fp["vocab_size"], fp["num_layers"]
+    import torch  # here, so the fake-pipeline tests that import this module need no torch
+
     gen = torch.Generator().manual_seed(seed)
     prototypes = torch.randn(steps, d, generator=gen)
     blocks = mechanics_blocks(prototypes=prototypes, logits=torch.randn(steps, vocab, generator=gen) * 5.0,

@@ -23,7 +23,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
-import torch
+from guardrail.lazy import lazy_module
+
+if TYPE_CHECKING:
+    import torch
+else:  # imported when a tensor is first made, so registering and routing need no torch
+    torch = lazy_module("torch")
+
 
 if TYPE_CHECKING:  # pragma: no cover
     from guardrail.method.artifacts import Artifacts
@@ -43,17 +49,26 @@ class RiskPass:
 
     def select(self, rows: Sequence[int]) -> "RiskPass":
         """The same pass restricted to some rows (an assessor scores only its policy's rows)."""
-        index = torch.tensor(list(rows), dtype=torch.long)
+        rows = list(rows)
         return RiskPass(
-            step_logits=None if self.step_logits is None else self.step_logits[index],
-            states={layer: value[index] for layer, value in self.states.items()},
-            tokens=None if self.tokens is None else self.tokens[index],
+            step_logits=_pick(self.step_logits, rows),
+            states={layer: _pick(value, rows) for layer, value in self.states.items()},
+            tokens=_pick(self.tokens, rows),
         )
 
     def __len__(self) -> int:
         if self.step_logits is not None:
-            return int(self.step_logits.shape[0])
-        return int(next(iter(self.states.values())).shape[0]) if self.states else 0
+            return len(self.step_logits)
+        return len(next(iter(self.states.values()))) if self.states else 0
+
+
+def _pick(value: Any, rows: list[int]) -> Any:
+    """Rows of a tensor, or of a plain list (a test double's states need no torch)."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        return [value[i] for i in rows]
+    return value[torch.tensor(rows, dtype=torch.long)]
 
 
 class Backend(Protocol):

@@ -23,13 +23,17 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors.torch import load as load_tensors
-from safetensors.torch import save_file
+from typing import TYPE_CHECKING, Any
 
 from guardrail.errors import ArtifactError
+from guardrail.lazy import lazy_module
+
+if TYPE_CHECKING:
+    import safetensors.torch as safetensors_torch
+    import torch
+else:  # imported when an artifact is first read or written, so registering needs neither
+    torch = lazy_module("torch")
+    safetensors_torch = lazy_module("safetensors.torch")
 
 TENSORS = "artifacts.safetensors"
 SIDECAR = "artifacts.json"
@@ -154,7 +158,7 @@ def save_artifacts(directory: str | Path, blocks: dict[str, Block], meta: dict[s
     clean = {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
     fd, tmp = tempfile.mkstemp(prefix=".tensors-", dir=out)
     os.close(fd)
-    save_file(clean, tmp)
+    safetensors_torch.save_file(clean, tmp)
     full = dict(meta)
     full["format_version"] = FORMAT_VERSION
     full["tensors_sha256"] = _sha256_file(Path(tmp))
@@ -196,7 +200,7 @@ def load_artifacts(directory: str | Path, fingerprint: dict[str, Any] | None = N
     if fingerprint is not None:
         check_fingerprint(meta.get("fingerprint", {}), fingerprint, folder)
     try:
-        tensors = load_tensors(data)
+        tensors = safetensors_torch.load(data)
     except Exception as exc:  # safetensors raises its own error types
         raise ArtifactError(f"{tensor_file} cannot be read: {exc}") from exc
     for key, shape in meta.get("tensor_shapes", {}).items():

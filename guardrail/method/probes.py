@@ -4,11 +4,16 @@ cross-validation. Pure functions of tensors; `(positive, negative) -> parameters
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
 
+from guardrail.lazy import lazy_module
 from guardrail.method.risk_math import auroc
+
+if TYPE_CHECKING:
+    import torch
+else:  # imported when a tensor is first made, so registering and routing need no torch
+    torch = lazy_module("torch")
 
 
 @dataclass(frozen=True)
@@ -60,7 +65,7 @@ def fit_logistic(positive: torch.Tensor, negative: torch.Tensor, l2: float = 1e-
     return LogisticProbe(weight=w.detach(), bias=b.detach(), mean=mean, scale=scale)
 
 
-Scorer = Callable[[torch.Tensor, torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]
+Scorer = Callable[["torch.Tensor", "torch.Tensor"], Callable[["torch.Tensor"], "torch.Tensor"]]
 
 
 def mean_difference_scorer(pos: torch.Tensor, neg: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:

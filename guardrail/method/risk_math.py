@@ -9,9 +9,15 @@ similarity, so S = 1 maps to r = 0.99).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import torch
+from guardrail.lazy import lazy_module
+
+if TYPE_CHECKING:
+    import torch
+else:  # imported when a tensor is first made, so registering and routing need no torch
+    torch = lazy_module("torch")
+
 
 LN99 = math.log(99.0)
 

@@ -16,10 +16,10 @@ the sigmoid.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import torch
 
+from guardrail.lazy import lazy_module
 from guardrail.plugin.sdk import (
     LN99,
     LogisticProbe,
@@ -42,6 +42,11 @@ from guardrail.plugin.sdk import (
     hookimpl,
     require_block,
 )
+
+if TYPE_CHECKING:
+    import torch
+else:  # the plugin registers without torch; a stage imports it when it first computes
+    torch = lazy_module("torch")
 
 SPAN_TOLERANCE = 0.01  # cross-validated AUROC a single layer must gain over the multi-layer probe
 

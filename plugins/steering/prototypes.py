@@ -20,10 +20,10 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 
+from guardrail.lazy import lazy_module
 from guardrail.plugin.sdk import (
     NO_STEERING,
     ArtifactError,
@@ -37,6 +37,11 @@ from guardrail.plugin.sdk import (
     opens_refusal,
     risk_query,
 )
+
+if TYPE_CHECKING:
+    import torch
+else:  # the plugin registers without torch; a stage imports it when it first computes
+    torch = lazy_module("torch")
 
 PROTOTYPES = "prototypes"
 

@@ -11,11 +11,16 @@ models where it works and for comparison, not as the recommended default.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import torch
 
+from guardrail.lazy import lazy_module
 from guardrail.plugin.sdk import NO_STEERING, AdditiveDirection, ArtifactError, SteeringPlan, hookimpl, require_block
+
+if TYPE_CHECKING:
+    import torch
+else:  # the plugin registers without torch; a stage imports it when it first computes
+    torch = lazy_module("torch")
 
 
 class RefusalDirection:
