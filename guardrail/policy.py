@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence, Union
+from typing import Any, Callable, Literal, Mapping, Sequence, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -154,15 +154,20 @@ class Limits(_Strict):
     stage_timeout_s: float | None = Field(default=None, gt=0, le=86_400)
 
 
+DEFAULTED_STAGES = {"reformulator": "reformulators", "steering": "steering_controllers"}
+
+
 class Policy(_Strict):
     name: str = Field(min_length=1)
     description: str = ""
     mode: Literal["enforce", "observe"] = "enforce"
     on_error: Literal["fail_closed", "fail_open"] = "fail_closed"
     refusal_text: str = Field(default=DEFAULT_REFUSAL, min_length=1)
-    reformulator: StageSpec = StageSpec(use="visual_context")
+    # None: the installed plugins' default of that kind (`register(..., default=True)`), filled in
+    # by `with_default_stages` when the policy is built; the core names no plugin.
+    reformulator: StageSpec | None = None
     risk: RiskSpec
-    steering: StageSpec = StageSpec(use="prototype_interpolation")
+    steering: StageSpec | None = None
     bands: list[Band] = Field(min_length=1)
     audit: AuditSpec = AuditSpec()
     limits: Limits = Limits()
@@ -207,6 +212,13 @@ class Policy(_Strict):
             if risk <= band.upto:
                 return band
         return bands[-1]
+
+    def with_default_stages(self, default_stage: Callable[[str], str]) -> "Policy":
+        """This policy with each stage it leaves out set to `default_stage(kind)` (a plugin
+        manager's), so everything downstream reads a concrete stage."""
+        updates = {field: StageSpec(use=default_stage(kind)) for field, kind in DEFAULTED_STAGES.items()
+                   if getattr(self, field) is None}
+        return self.model_copy(update=updates) if updates else self
 
     def canonical(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)
@@ -286,9 +298,12 @@ def problems_from(exc: ValidationError, lines: LineMap) -> list[tuple[str, int, 
     return out
 
 
-def load_policy(path: str | Path, known_stages: Mapping[str, set[str]] | None = None) -> Policy:
+def load_policy(path: str | Path, known_stages: Mapping[str, set[str]] | None = None,
+                default_stage: Callable[[str], str] | None = None) -> Policy:
     """Load, merge and validate one policy file. With `known_stages` (stage kind -> names), also
-    reject stages that no installed plugin provides. Errors carry file and line."""
+    reject stages that no installed plugin provides; with `default_stage` (a plugin manager's),
+    fill in the stages the policy leaves out, so the policy as loaded is the policy as served (and
+    hashed). Errors carry file and line."""
     data, lines = load_raw(Path(path))
     try:
         policy = Policy.model_validate(data)
@@ -298,16 +313,23 @@ def load_policy(path: str | Path, known_stages: Mapping[str, set[str]] | None = 
         problems = unknown_stages(policy, lines, known_stages)
         if problems:
             raise PolicyError(problems)
+    if default_stage is not None:
+        from guardrail.errors import PluginError
+
+        try:
+            policy = policy.with_default_stages(default_stage)
+        except PluginError as exc:
+            raise PolicyError([(str(path), 1, str(exc))]) from None
     return policy
 
 
 def unknown_stages(policy: Policy, lines: LineMap, known: Mapping[str, set[str]]) -> list[tuple[str, int, str]]:
     uses: list[tuple[str, tuple[Any, ...], str]] = [
-        ("reformulators", ("reformulator", "use"), policy.reformulator.use),
-        ("steering_controllers", ("steering", "use"), policy.steering.use),
+        (kind, (field, "use"), getattr(policy, field).use) for field, kind in DEFAULTED_STAGES.items()
+        if getattr(policy, field) is not None  # a default is checked when the policy is built
     ]
     uses += [("risk_assessors", ("risk", "assessors", i, "use"), a.use) for i, a in enumerate(policy.risk.assessors)]
-    captioner = policy.reformulator.params.get("captioner")
+    captioner = policy.reformulator.params.get("captioner") if policy.reformulator else None
     if isinstance(captioner, str):
         uses.append(("captioners", ("reformulator", "with", "captioner"), captioner))
     problems = []

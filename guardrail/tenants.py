@@ -173,7 +173,8 @@ def _tenant_id_problems(tenant: str, seen: dict[str, str], line: Callable[[str],
     return []
 
 
-def load_policy_set(directory: str | Path, known_stages: Mapping[str, set[str]] | None = None) -> PolicySet:
+def load_policy_set(directory: str | Path, known_stages: Mapping[str, set[str]] | None = None,
+                    default_stage: Callable[[str], str] | None = None) -> PolicySet:
     """Load and validate a whole policies directory; all problems are reported together."""
     folder = Path(directory)
     if not folder.is_dir():
@@ -192,7 +193,7 @@ def load_policy_set(directory: str | Path, known_stages: Mapping[str, set[str]] 
         if path.name == TENANTS_FILE or path.name.startswith("_"):
             continue
         try:
-            policy = load_policy(path, known_stages)
+            policy = load_policy(path, known_stages, default_stage)
         except PolicyError as exc:
             problems.extend(exc.problems)
             continue
@@ -214,10 +215,11 @@ def load_policy_set(directory: str | Path, known_stages: Mapping[str, set[str]] 
     return PolicySet(policies=policies, tenants=tmap, file_hashes=hashes)
 
 
-def single_policy_set(path: str | Path, known_stages: Mapping[str, set[str]] | None = None) -> PolicySet:
+def single_policy_set(path: str | Path, known_stages: Mapping[str, set[str]] | None = None,
+                      default_stage: Callable[[str], str] | None = None) -> PolicySet:
     """A set with one policy that serves every tenant."""
     path = Path(path)
-    policy = load_policy(path, known_stages)
+    policy = load_policy(path, known_stages, default_stage)
     return PolicySet(
         policies={policy.name: policy},
         tenants=TenantsMap(default_policy=policy.name),
@@ -235,9 +237,11 @@ class TenantRegistry:
         on_reload: Callable[[dict[str, Any]], None] | None = None,
         single_file: bool | None = None,
         prepare: Callable[[PolicySet], Any] | None = None,
+        default_stage: Callable[[str], str] | None = None,
     ):
         self.source = Path(source)
         self.known_stages = known_stages
+        self.default_stage = default_stage
         self.on_reload = on_reload
         self.prepare = prepare
         self.single_file = self.source.is_file() if single_file is None else single_file
@@ -247,9 +251,9 @@ class TenantRegistry:
 
     def _load(self) -> tuple[PolicySet, Any]:
         if self.single_file:
-            policy_set = single_policy_set(self.source, self.known_stages)
+            policy_set = single_policy_set(self.source, self.known_stages, self.default_stage)
         else:
-            policy_set = load_policy_set(self.source, self.known_stages)
+            policy_set = load_policy_set(self.source, self.known_stages, self.default_stage)
         return policy_set, (self.prepare(policy_set) if self.prepare else None)
 
     @property

@@ -11,7 +11,7 @@ import pytest
 from conftest import REPO, tiny_artifacts
 from guardrail.cli import main
 from guardrail.errors import InputError
-from guardrail.evaluation.methods import default_methods, parse_methods, policy_document
+from guardrail.evaluation.methods import default_methods, load_baselines, parse_methods, policy_document
 from guardrail.evaluation.typography import FIGSTEP_PROMPT, png_bytes
 from guardrail.policy import Policy, load_policy
 
@@ -76,20 +76,29 @@ def test_eval_end_to_end(tmp_path, art_root, inputs):
 
 
 def test_method_parsing_and_policies():
-    methods = parse_methods("no_defense, fixed:0.5, fixed:1:12, ras:linear_probe, ras")
-    assert [m.kind for m in methods] == ["no_defense", "fixed", "fixed", "ras", "ras"]
-    assert methods[2].tokens == 12 and methods[1].tokens is None
+    from guardrail.plugin.manager import PluginManager
+
+    baselines = load_baselines(PluginManager())
+    assert list(baselines) == ["safety_prompt", "fixed"]  # the built-in baselines, from their plugin
+    methods = parse_methods("no_defense, fixed:0.5, fixed:1:12, ras:linear_probe, ras, safety_prompt", baselines)
+    assert [m.kind for m in methods] == ["no_defense", "baseline", "baseline", "ras", "ras", "baseline"]
+    assert methods[2].args == ("1", "12") and methods[1].sweep and not methods[5].sweep
     base = load_policy(REPO / "policies" / "default.yaml")
-    fixed = Policy.model_validate(policy_document(methods[1], base))
+    fixed = Policy.model_validate(policy_document(methods[1], base, baselines))
     assert [b.strength for b in fixed.bands] == [0.5]
     assert fixed.bands[0].tokens == max(b.tokens for b in base.bands if b.strength != 0.0)
     assert fixed.risk.assessors[0].use == "constant"
-    only_probe = Policy.model_validate(policy_document(methods[3], base))
+    assert Policy.model_validate(policy_document(methods[2], base, baselines)).bands[0].tokens == 12
+    prompt_only = Policy.model_validate(policy_document(methods[5], base, baselines))
+    assert prompt_only.reformulator.use == "safety_prompt" and [b.strength for b in prompt_only.bands] == [0.0]
+    only_probe = Policy.model_validate(policy_document(methods[3], base, baselines))
     assert [a.use for a in only_probe.risk.assessors] == ["linear_probe"] and only_probe.bands == base.bands
-    assert "ras:prototype_similarity" in default_methods(base, ["prototype_similarity"], {"prototype_similarity"})
-    for bad in ["fixed:2", "fixed:x", "nonsense", "ras,ras", "policy:/no/such.yaml", ""]:
+    listed = default_methods(base, ["prototype_similarity"], {"prototype_similarity"}, baselines)
+    assert listed.split(",")[:3] == ["no_defense", "safety_prompt", "fixed:0.25"]
+    assert "ras:prototype_similarity" in listed
+    for bad in ["fixed:2", "fixed:x", "fixed", "safety_prompt:1", "nonsense", "ras,ras", "policy:/no/such.yaml", ""]:
         with pytest.raises(InputError):
-            parse_methods(bad)
+            parse_methods(bad, baselines)
 
 
 def test_eval_refuses_missing_inputs(tmp_path, capsys):
@@ -123,7 +132,7 @@ def test_demo_calibrates_once_and_shows_the_table(capsys, monkeypatch):
         assert main(args) == 0
     first = capsys.readouterr().out
     assert "calibrating tiny-random:llama once" in first
-    assert first.count("harmful ") >= 3 and "[img]" in first and "prototypes (" in first
+    assert first.count("harmful ") >= 3 and "[img]" in first and "steering (prototype_interpolation)" in first
     assert main(args) == 0
     second = capsys.readouterr().out
     assert "calibrating" not in second and "unguarded answer" in second

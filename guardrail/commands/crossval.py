@@ -14,7 +14,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="crossval.json, report.md, plots; cache/ keeps the model's states")
     p.add_argument("--policy", type=Path, default=Path("policies/default.yaml"), help="bands and reformulator (default: %(default)s)")
     p.add_argument("--sources", default=None, help="comma-separated source names (default: every prepared source)")
-    p.add_argument("--assessors", default=None, help="comma-separated, from: " + ", ".join(_assessor_names()))
+    p.add_argument("--assessors", default=None, help="comma-separated: plugin:NAME for each installed calibrated assessor (the "
+                   "policy's own are always compared), and the experiments " + ", ".join(_assessor_names()) + " (default: all)")
     p.add_argument("--formats", default="text,typographic", help="input formats (default: %(default)s)")
     p.add_argument("--limit", type=int, default=None, help="at most N evenly spaced rows per source and label (text)")
     p.add_argument("--typo-limit", type=int, default=None, help="the same for typographic rows (default: --limit)")
@@ -28,9 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _assessor_names() -> list[str]:
-    from guardrail.evaluation.crossval import ASSESSORS
+    from guardrail.evaluation.crossval import EXPERIMENTS
 
-    return list(ASSESSORS)
+    return list(EXPERIMENTS)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,14 +50,19 @@ def run(args: argparse.Namespace) -> int:
     bad = [f for f in formats if f not in cv.MODALITIES]
     if bad:
         raise cv.CrossvalError(f"unknown format(s) {', '.join(bad)}; choose from {', '.join(cv.MODALITIES)}")
-    chosen = [a.strip() for a in args.assessors.split(",")] if args.assessors else list(cv.ASSESSORS)
-    unknown = [a for a in chosen if a not in cv.ASSESSORS]
+    from guardrail.plugin.manager import PluginManager
+
+    plugins = PluginManager().load()
+    known = cv.available(plugins)
+    chosen = [a.strip() for a in args.assessors.split(",")] if args.assessors else list(known)
+    unknown = [a for a in chosen if a not in known]
     if unknown:
-        raise cv.CrossvalError(f"unknown assessor(s) {', '.join(unknown)}; choose from {', '.join(cv.ASSESSORS)}")
+        raise cv.CrossvalError(f"unknown assessor(s) {', '.join(unknown)}; choose from {', '.join(known)}")
     for a in policy.risk.assessors:
-        if a.use not in chosen and a.use in cv.ASSESSORS:
-            chosen.append(a.use)  # the policy's own assessor is always compared
-    assessors = [cv.ASSESSORS[a] for a in chosen]
+        key = cv.policy_key(a.use)
+        if key not in chosen and key in known:
+            chosen.append(key)  # the policy's own assessor is always compared
+    assessors = [known[a] for a in chosen]
 
     limits = {"text": args.limit, "typographic": args.typo_limit if args.typo_limit is not None else args.limit}
     per_source = {(m, s): cv.load_rows(home, [s], m, limits[m]) for m in formats for s in names}
@@ -76,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
 
             print(f"loading {args.model} ...", file=sys.stderr)
             engine = TransformersBackend(load_model(args.model, device=args.device), batch_size=args.batch_size)
-            env = StageEnv(engine=engine, captions=CaptionCache(8192), plugins=PluginManager().load())
+            env = StageEnv(engine=engine, captions=CaptionCache(8192), plugins=plugins)
         return engine, env
 
     # The model is needed only for what the cache does not hold yet; its fingerprint keys the cache.

@@ -49,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
     from guardrail.models import load_model
     from guardrail.pipeline import Guardrail
     from guardrail.engine.transformers import TransformersBackend
+    from guardrail.engine.interventions import leading_tokens
+    from guardrail.method.refusal import opens_refusal
     from guardrail.types import Request
 
     t0 = time.perf_counter()
@@ -56,15 +58,16 @@ def run(args: argparse.Namespace) -> int:
     adapter = load_model(args.model)
     folder, art = ensure_artifacts(adapter, progress=show_progress(args))
     policy = args.policy or default_policy()
-    protos = art.block("prototypes").meta
-    tokens = _until_end(protos["tokens"], adapter)
-    print(f"\nprototypes ({protos['method']}): at strength 1 the answer's first tokens are their argmax")
-    print("  " + " | ".join(repr(t) for t in tokens) + f"\n  -> {''.join(tokens)!r}")
-    if not protos.get("opens_refusal", True):
-        print("  WARNING: these tokens do not open a refusal on this model")
-
     guard = Guardrail(TransformersBackend(adapter, art), policy)
     try:
+        plan = guard.plan_for(None, 1.0)
+        ids = leading_tokens(plan)
+        if ids is not None:
+            tokens = _until_end([adapter.tokenizer.decode([i]) for i in ids], adapter)
+            print(f"\nsteering ({plan.method}): at strength 1 the answer's first tokens are")
+            print("  " + " | ".join(repr(t) for t in tokens) + f"\n  -> {''.join(tokens)!r}")
+            if not opens_refusal("".join(tokens).strip()):
+                print("  WARNING: these tokens do not open a refusal on this model")
         requests = []
         for _, kind, text in DEMO_REQUESTS:
             if kind == "image":

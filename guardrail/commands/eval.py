@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=None, help="at most N prompts from each input file (evenly spaced)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="answer length per request")
     p.add_argument("--batch-size", type=int, default=16, help="requests per batch")
-    p.add_argument("--judge", default="rules", help="refusal judge, by plugin name (default: the rule-based judge)")
+    p.add_argument("--judge", default=None, help="refusal judge, by plugin name (default: the one a plugin declares default; built in: the rule-based `rules`)")
     p.add_argument("--out", required=True, type=Path, help="folder for the report, per-method results and plots")
     p.add_argument("--device", default=None, help="torch device (default: the model loader's choice, CPU here)")
     add_progress(p)

@@ -23,7 +23,8 @@ def run(args: argparse.Namespace) -> int:
         origin = "built-in" if p["builtin"] else (p["distribution"] or "local")
         print(f"{p['name']}  ({origin} {p['version'] or ''})".rstrip())
         for kind, names in p["stages"].items():
-            print(f"    {kind}: {', '.join(names)}")
+            marked = [f"{n} (default)" if p["defaults"].get(kind) == n else n for n in names]
+            print(f"    {kind}: {', '.join(marked)}")
         other = [h for h in p["hooks"] if not h.startswith("guardrail_register_")]
         if other:
             print(f"    hooks: {', '.join(other)}")

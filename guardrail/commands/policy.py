@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
 
-def check_file(path: Path, known: dict) -> list[tuple[str, int, str]]:
+def check_file(path: Path, known: dict, default_stage=None) -> list[tuple[str, int, str]]:
     from guardrail.errors import PolicyError
     from guardrail.policy import load_policy
     from guardrail.tenants import TENANTS_FILE, load_policy_set, load_tenants_map
@@ -36,9 +36,9 @@ def check_file(path: Path, known: dict) -> list[tuple[str, int, str]]:
         if path.name == TENANTS_FILE or _looks_like_tenants_map(path, load_yaml):
             load_tenants_map(path)
             # The routes must reach real, valid policies of the same directory.
-            load_policy_set(path.parent, known)
+            load_policy_set(path.parent, known, default_stage)
         else:
-            load_policy(path, known)
+            load_policy(path, known, default_stage)  # a stage left out needs an installed default
     except PolicyError as exc:
         return exc.problems
     return []
@@ -55,10 +55,11 @@ def _looks_like_tenants_map(path: Path, load_yaml) -> bool:
 def run_check(args: argparse.Namespace) -> int:
     from guardrail.plugin.manager import PluginManager
 
-    known = PluginManager().known_stages()
+    plugins = PluginManager()
+    known = plugins.known_stages()
     problems = []
     for path in args.files:
-        problems.extend(check_file(path, known))
+        problems.extend(check_file(path, known, plugins.default_stage))
     seen = set()
     for file, line, message in problems:
         if (file, line, message) not in seen:

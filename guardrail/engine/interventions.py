@@ -140,6 +140,18 @@ class SteeringPlan:
 NO_STEERING = SteeringPlan()
 
 
+def leading_tokens(plan: SteeringPlan) -> list[int] | None:
+    """The token ids a plan makes the answer open with, when its maths says so without running the
+    model: a forced prefix's ids, or the argmax of a full-strength interpolation's targets (at s = 1
+    a step's logits are the target). None when no intervention of the plan determines them."""
+    for iv in plan.interventions:
+        if isinstance(iv, ForcedPrefix):
+            return list(iv.ids)
+        if isinstance(iv, LogitInterpolation) and iv.strength >= 1.0:
+            return [int(t) for t in iv.targets[: iv.tokens].argmax(dim=-1).tolist()]
+    return None
+
+
 def unsupported(plan: SteeringPlan, supported: frozenset[type] | set[type]) -> list[str]:
     """Names of the plan's intervention kinds a backend does not support."""
     return sorted({type(iv).__name__ for iv in plan.interventions if type(iv) not in supported})

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -27,19 +28,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
-POLICY = """\
-name: {name}
-risk:
-  assessors:
-    - use: prototype_similarity
-steering:
-  use: prototype_interpolation
-bands:
-  - {{name: low, upto: 0.3, action: steer, strength: 0.0}}
-  - {{name: high, upto: 1.0, action: steer, strength: {strength}, tokens: 16}}
-limits:
-  max_new_tokens: 256
-"""
+# The guarded policy (prototype-similarity risk, full-strength steering above 0.3 for 16 tokens) and
+# its observe twin, in policies/bench/vllm/: the two tenants of the mixed stream.
+POLICY_DIR = Path(__file__).resolve().parents[2] / "policies" / "bench" / "vllm"
 
 TARGETS = {
     "vllm_guarded_over_plain_throughput": (">=", 0.90),
@@ -51,9 +42,8 @@ TARGETS = {
 
 def _policies(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "guarded.yaml").write_text(POLICY.format(name="guarded", strength=1.0))
-    (folder / "observe.yaml").write_text(POLICY.format(name="observe", strength=0.0))
-    (folder / "tenants.yaml").write_text("default_policy: guarded\ntenants:\n  acme: guarded\n  lab: observe\n")
+    for path in sorted(POLICY_DIR.glob("*.yaml")):
+        shutil.copyfile(path, folder / path.name)
     return folder
 
 
@@ -111,8 +101,7 @@ def run(model: str, artifacts: Path | None, rounds: int, batch: int, answer_toke
         from guardrail.engine.transformers import TransformersBackend
         from guardrail.models import load_model
 
-        cfg = CalibrationConfig(elicit_prompts=32, progress=False, held_out_folds=0, folds=3,
-                                calibrators=["prototypes", "prototype_similarity"])
+        cfg = CalibrationConfig(elicit_prompts=32, progress=False, held_out_folds=0, folds=3)
         calibrate(TransformersBackend(load_model(model)), packaged_prompts("harmful")[::4],
                   packaged_prompts("benign")[::4], cfg, out=artifacts)
     harmful, benign = _prompts()

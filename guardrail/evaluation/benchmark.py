@@ -27,6 +27,7 @@ import platform
 import resource
 import statistics
 import subprocess
+import shutil
 import sys
 import tempfile
 import time
@@ -45,30 +46,11 @@ BATCH_QUESTIONS = [
 TENANTS = ["t-paper", "t-hidden", "t-observe", "t-paper", "t-hidden", "t-paper", "t-observe", "t-hidden"]
 STEER = {"strength": 0.8, "tokens": 3}  # planned by the default policy's steering controller
 
-# Three policies a service might mix in one batch: the paper's (prototype-similarity risk, steering
-# strength = risk on 3 tokens: always steers), hidden-state risk with steering only above 0.5, and
-# shadow mode. None refuses, so the guarded batch does all the work the plain one does.
-POLICIES = {
-    "paper.yaml": """name: paper
-reformulator: {use: visual_context, with: {captioner: auto}}
-risk: {assessors: [{use: prototype_similarity}]}
-steering: {use: prototype_interpolation}
-limits: {max_new_tokens: 1024}
-bands:
-  - {name: all, upto: 1.0, action: steer, strength: risk, tokens: 3}
-""",
-    "hidden.yaml": """name: hidden
-reformulator: {use: visual_context, with: {captioner: auto}}
-risk: {combine: max, assessors: [{use: linear_probe}, {use: mean_difference}]}
-steering: {use: prototype_interpolation}
-limits: {max_new_tokens: 1024}
-bands:
-  - {name: low, upto: 0.5, action: steer, strength: 0.0}
-  - {name: high, upto: 1.0, action: steer, strength: risk, tokens: 3}
-""",
-    "observe.yaml": "extends: hidden\nname: observe\nmode: observe\n",
-    "tenants.yaml": "default_policy: paper\ntenants: {t-paper: paper, t-hidden: hidden, t-observe: observe}\n",
-}
+# Three policies a service might mix in one batch, in policies/bench/image/: the paper's
+# (prototype-similarity risk, steering strength = risk on 3 tokens: always steers), hidden-state risk
+# with steering only above 0.5, and shadow mode. None refuses, so the guarded batch does all the work
+# the plain one does.
+POLICY_DIR = Path(__file__).resolve().parents[2] / "policies" / "bench" / "image"
 
 
 @dataclass
@@ -131,8 +113,8 @@ def ensure_artifacts(adapter: Any, cfg: BenchConfig, workdir: Path) -> Path:
 def write_policies(workdir: Path) -> Path:
     folder = workdir / "policies"
     folder.mkdir(parents=True, exist_ok=True)
-    for name, text in POLICIES.items():
-        (folder / name).write_text(text, encoding="utf-8")
+    for path in sorted(POLICY_DIR.glob("*.yaml")):
+        shutil.copyfile(path, folder / path.name)
     return folder
 
 
@@ -411,7 +393,6 @@ def machine() -> dict[str, Any]:
 
 
 def run(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    import shutil
 
     workdir = Path(tempfile.mkdtemp(prefix="guardrail-bench-"))
     try:

@@ -35,6 +35,7 @@ def reformulate(guard_env: Any, policy: Any, items: Sequence[PromptItem]) -> lis
     from guardrail.images import decode_image
     from guardrail.types import Request, RequestContext
 
+    policy = policy.with_default_stages(guard_env.plugins.default_stage)
     reformulator = guard_env.plugins.create("reformulators", policy.reformulator.use, policy.reformulator.params)
     contexts = []
     for item in items:

@@ -37,7 +37,7 @@ class EvalConfig:
     limit: int | None = None
     max_new_tokens: int = 64
     batch_size: int = 16
-    judge: str = "rules"
+    judge: str | None = None  # None: the installed plugins' default judge
     device: str | None = None
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
@@ -84,15 +84,17 @@ def run_eval(cfg: EvalConfig, adapter: Any = None, log: Callable[[str], None] = 
     engine = TransformersBackend(adapter, art, batch_size=cfg.batch_size)
     plugins = PluginManager()
     known = plugins.known_stages()["risk_assessors"]
-    method_text = cfg.methods or methods_mod.default_methods(base_policy, art.blocks(), known)
-    methods = methods_mod.parse_methods(method_text)
-    judge = load_judge(cfg.judge, plugins)
-    judge_check = {"name": cfg.judge, **agreement(judge)}
-    log(f"judge {cfg.judge}: {judge_check['agreement']:.1%} agreement on {judge_check['n']} hand-labelled answers")
+    baselines = methods_mod.load_baselines(plugins)
+    method_text = cfg.methods or methods_mod.default_methods(base_policy, art.blocks(), known, baselines)
+    methods = methods_mod.parse_methods(method_text, baselines)
+    judge_name = cfg.judge or plugins.default_stage("judges")
+    judge = load_judge(judge_name, plugins)
+    judge_check = {"name": judge_name, **agreement(judge)}
+    log(f"judge {judge_name}: {judge_check['agreement']:.1%} agreement on {judge_check['n']} hand-labelled answers")
 
     cfg.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="guardrail-eval-") as tmp:
-        policy_dir = methods_mod.write_policies(methods, Path(cfg.policy), Path(tmp))
+        policy_dir = methods_mod.write_policies(methods, Path(cfg.policy), Path(tmp), baselines)
         guard = Guardrail(engine, policy_dir, plugins=plugins)
     try:
         warm = items[:2]
@@ -127,7 +129,7 @@ def run_eval(cfg: EvalConfig, adapter: Any = None, log: Callable[[str], None] = 
         "caption_warmup_s": round(caption_s, 3),
         "machine": machine(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "artifact_prototypes": _prototype_summary(art),
+        "artifact_blocks": _artifact_summary(art),
         "methods": method_details,
     }
     write_all(cfg.out, report, details, all_rows)
@@ -186,14 +188,19 @@ def make_plots(out: Path, methods: Sequence[Any], runs: dict[str, Any], summarie
     plots.risk_histograms(out / "risk_histograms.png", panels)
     plots.roc(out / "roc.png", curves)
     fixed = sorted(((m.name, summaries[m.name]["benign_refusal"], summaries[m.name]["asr"]) for m in methods
-                    if m.kind == "fixed" and summaries[m.name]["asr"] is not None and summaries[m.name]["benign_refusal"] is not None),
+                    if m.sweep and summaries[m.name]["asr"] is not None and summaries[m.name]["benign_refusal"] is not None),
                    key=lambda t: t[1])
     points = [(m.name, summaries[m.name]["benign_refusal"], summaries[m.name]["asr"]) for m in methods
-              if m.kind != "fixed" and summaries[m.name]["asr"] is not None and summaries[m.name]["benign_refusal"] is not None]
+              if not m.sweep and summaries[m.name]["asr"] is not None and summaries[m.name]["benign_refusal"] is not None]
     points.sort(key=lambda p: 0 if p[0] == "ras" else 1)
     plots.tradeoff(out / "tradeoff.png", fixed, points)
 
 
-def _prototype_summary(art: Any) -> dict[str, Any]:
-    meta = art.block("prototypes").meta if art.has("prototypes") else {}
-    return {"method": meta.get("method"), "text": meta.get("text"), "tokens": meta.get("tokens")}
+def _artifact_summary(art: Any) -> dict[str, Any]:
+    """Each calibrated block's version and short scalar facts (what was fitted on what)."""
+    out = {}
+    for name in art.blocks():
+        block = art.block(name)
+        facts = {k: v for k, v in block.meta.items() if isinstance(v, (str, int, float, bool)) and len(str(v)) <= 200}
+        out[name] = {"version": getattr(block, "version", None), **facts}
+    return out

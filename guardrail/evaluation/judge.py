@@ -123,9 +123,8 @@ class Verdict:
 
 
 class RuleJudge:
-    """`rules`: see the module docstring. Stateless; safe to share between threads."""
-
-    name = "rules"
+    """See the module docstring (the built-in plugin registers it as the default judge).
+    Stateless; safe to share between threads."""
 
     def __init__(self, min_content_words: int = MIN_CONTENT_WORDS):
         self.min_content_words = min_content_words
@@ -166,10 +165,9 @@ def agreement(judge: Any, items: Sequence[dict[str, Any]] | None = None) -> dict
             "disagreements": [{"answer": it["answer"][:120], "label": it["refusal"]} for it in wrong]}
 
 
-def load_judge(name: str = "rules", plugins: Any = None, params: dict[str, Any] | None = None) -> Any:
-    """A judge by name: `rules` is built in; others come from `guardrail_register_judges`."""
-    if name == "rules" and not params and plugins is None:
-        return RuleJudge()
+def load_judge(name: str | None = None, plugins: Any = None, params: dict[str, Any] | None = None) -> Any:
+    """A judge by name, from `guardrail_register_judges`; None: the one a plugin declares default."""
     from guardrail.plugin.manager import PluginManager
 
-    return (plugins or PluginManager()).create("judges", name, params or {})
+    plugins = plugins or PluginManager()
+    return plugins.create("judges", name or plugins.default_stage("judges"), params or {})

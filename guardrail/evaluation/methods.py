@@ -1,10 +1,9 @@
 """The methods `guardrail eval` compares, each expressed as a policy served by one guard.
 
     no_defense       plain generation (`Request.unguarded`): no risk, no steering
-    safety_prompt    the answer is generated from the safety prompt + visual context + question
-                     (the usual always-on prompt defence; reformulator `safety_prompt`)
-    fixed:S[:T]      prototype steering at strength S on every request, T tokens (default: the
-                     deepest steered band of the policy under test), no risk read (assessor `constant`)
+    NAME[:ARGS]      a baseline a plugin registers (hook `guardrail_register_baselines`); the
+                     built-ins are `safety_prompt` (the always-on prompt defence) and `fixed:S[:T]`
+                     (the policy's steering at strength S on every request, T tokens, no risk read)
     ras              the policy under test, as configured
     ras:NAME         the policy under test with only the risk assessor NAME (same bands)
     policy:FILE      another policy file, as configured (e.g. policy:policies/paper.yaml)
@@ -15,26 +14,24 @@ method's name, so all methods share one guard: one model, one caption cache, one
 
 from __future__ import annotations
 
-import copy
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import yaml
 
 from guardrail.errors import InputError
 from guardrail.policy import Policy, load_policy
 
-DEFAULT_FIXED = (0.25, 0.5, 0.75, 1.0)
-
 
 @dataclass(frozen=True)
 class Method:
     name: str  # as given on the command line, the key in report.json
-    kind: str  # no_defense | safety_prompt | fixed | ras | policy
-    strength: float = 0.0
-    tokens: int | None = None
+    kind: str  # no_defense | baseline | ras | policy
+    baseline: str | None = None
+    args: tuple[str, ...] = ()
+    sweep: bool = False  # a baseline whose variants trace a strength curve
     assessor: str | None = None
     policy_file: Path | None = None
 
@@ -52,22 +49,13 @@ class Method:
         return "m_" + re.sub(r"[^a-zA-Z0-9]+", "_", self.name).strip("_")
 
 
-def parse_methods(text: str) -> list[Method]:
+def parse_methods(text: str, baselines: Mapping[str, Any]) -> list[Method]:
+    """`baselines`: name -> baseline object (a plugin manager's `baselines` stages, built)."""
     out: list[Method] = []
     for raw in [t.strip() for t in text.split(",") if t.strip()]:
         head, _, rest = raw.partition(":")
-        if raw in ("no_defense", "safety_prompt", "ras"):
+        if raw in ("no_defense", "ras"):
             out.append(Method(raw, raw))
-        elif head == "fixed" and rest:
-            parts = rest.split(":")
-            try:
-                strength = float(parts[0])
-                tokens = int(parts[1]) if len(parts) > 1 else None
-            except ValueError:
-                raise InputError(f"method {raw!r}: expected fixed:STRENGTH or fixed:STRENGTH:TOKENS") from None
-            if not 0.0 <= strength <= 1.0 or len(parts) > 2 or (tokens is not None and tokens < 1):
-                raise InputError(f"method {raw!r}: strength must be in [0, 1] and tokens at least 1")
-            out.append(Method(raw, "fixed", strength=strength, tokens=tokens))
         elif head == "ras" and rest:
             out.append(Method(raw, "ras", assessor=rest))
         elif head == "policy" and rest:
@@ -75,10 +63,17 @@ def parse_methods(text: str) -> list[Method]:
             if not path.is_file():
                 raise InputError(f"method {raw!r}: policy file {path} not found")
             out.append(Method(f"policy:{path.stem}", "policy", policy_file=path))
+        elif head in baselines:
+            args = tuple(rest.split(":")) if rest else ()
+            try:
+                baselines[head].check(args)
+            except ValueError as exc:
+                raise InputError(f"method {raw!r}: {exc}") from None
+            out.append(Method(raw, "baseline", baseline=head, args=args, sweep=bool(baselines[head].sweep)))
         else:
-            raise InputError(
-                f"unknown method {raw!r}: use no_defense, safety_prompt, fixed:S[:T], ras, ras:ASSESSOR or policy:FILE"
-            )
+            names = ", ".join(sorted(baselines)) or "none installed"
+            raise InputError(f"unknown method {raw!r}: use no_defense, ras, ras:ASSESSOR, policy:FILE or a "
+                             f"baseline ({names})")
     names = [m.name for m in out]
     if len(set(names)) != len(names):
         raise InputError(f"methods repeat: {', '.join(sorted({n for n in names if names.count(n) > 1}))}")
@@ -87,10 +82,10 @@ def parse_methods(text: str) -> list[Method]:
     return out
 
 
-def default_methods(policy: Policy, calibrated: Sequence[str], known: set[str]) -> str:
-    """no_defense, safety_prompt, the fixed strengths, ras, and ras:NAME for every calibrated
-    assessor the installed plugins provide."""
-    names = ["no_defense", "safety_prompt", *(f"fixed:{s}" for s in DEFAULT_FIXED), "ras"]
+def default_methods(policy: Policy, calibrated: Sequence[str], known: set[str], baselines: Mapping[str, Any]) -> str:
+    """no_defense, every baseline's variants, ras, and ras:NAME for every calibrated assessor the
+    installed plugins provide."""
+    names = ["no_defense", *(v for b in baselines.values() for v in b.variants), "ras"]
     names += [f"ras:{a}" for a in calibrated if a in known]
     return ",".join(names)
 
@@ -100,35 +95,34 @@ def _band_tokens(policy: Policy) -> int:
     return max(steered, default=3)
 
 
-def policy_document(method: Method, base: Policy) -> dict[str, Any]:
+def policy_document(method: Method, base: Policy, baselines: Mapping[str, Any]) -> dict[str, Any]:
     """The policy (as a YAML-ready mapping) that implements one method."""
     if method.kind == "policy":
         doc = load_policy(method.policy_file).canonical()
+    elif method.kind == "baseline":
+        doc = baselines[method.baseline].document(base.canonical(), method.args, _band_tokens(base))
     else:
-        doc = copy.deepcopy(base.canonical())
+        doc = base.canonical()
     doc["name"] = method.policy_name
     doc["mode"] = "enforce"
-    if method.kind in ("safety_prompt", "fixed"):
-        doc["risk"] = {"combine": "max", "assessors": [{"use": "constant", "with": {"risk": 0.0}}]}
-        if method.kind == "safety_prompt":
-            doc["reformulator"] = {"use": "safety_prompt", "with": doc["reformulator"].get("with", {})}
-            doc["bands"] = [{"name": "all", "upto": 1.0, "action": "steer", "strength": 0.0}]
-        else:
-            tokens = method.tokens or _band_tokens(base)
-            doc["bands"] = [{"name": "fixed", "upto": 1.0, "action": "steer", "strength": method.strength, "tokens": tokens}]
-    elif method.kind == "ras" and method.assessor:
+    if method.kind == "ras" and method.assessor:
         doc["risk"] = {"combine": "max", "assessors": [{"use": method.assessor}]}
     return doc
 
 
-def write_policies(methods: Sequence[Method], base_file: Path, folder: Path) -> Path:
+def write_policies(methods: Sequence[Method], base_file: Path, folder: Path, baselines: Mapping[str, Any]) -> Path:
     """One policy file per method plus a tenants map routing tenant `<method>` to it."""
     base = load_policy(base_file)
     folder.mkdir(parents=True, exist_ok=True)
     tenants: dict[str, str] = {}
     for method in methods:
-        doc = policy_document(method, base)
+        doc = policy_document(method, base, baselines)
         (folder / f"{method.policy_name}.yaml").write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
         tenants[method.name] = method.policy_name
     (folder / "tenants.yaml").write_text(yaml.safe_dump({"default_policy": None, "tenants": tenants}), encoding="utf-8")
     return folder
+
+
+def load_baselines(plugins: Any) -> dict[str, Any]:
+    """Every installed baseline, built (they take no parameters), in registration order."""
+    return {name: plugins.create("baselines", name) for name in plugins.stages().get("baselines", {})}

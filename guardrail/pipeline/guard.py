@@ -55,7 +55,8 @@ class Guardrail:
             sinks.append(JsonlSink(str(audit_log)))
         self.trail = AuditTrail(sinks, self.plugins, engine.name, self.spans)
         self.registry = TenantRegistry(
-            policies, known_stages=self.plugins.known_stages(), on_reload=self.trail.event, prepare=self._prepare
+            policies, known_stages=self.plugins.known_stages(), on_reload=self.trail.event, prepare=self._prepare,
+            default_stage=self.plugins.default_stage,
         )
 
     @classmethod
@@ -101,6 +102,14 @@ class Guardrail:
     @property
     def policies(self) -> PolicySet:
         return self.registry.current
+
+    def plan_for(self, tenant: str | None, strength: float, tokens: int | None = None) -> Any:
+        """The steering plan the tenant's policy would make at `strength` for `tokens` response
+        positions (default: its deepest steered band's), without a request: what steering does."""
+        policy_set, runtimes = self.registry.snapshot()
+        runtime = runtimes[policy_set.resolve(tenant).policy.name]
+        steered = [b.tokens for b in runtime.policy.bands if b.action == "steer" and b.strength != 0.0]
+        return runtime.controller.plan(strength, tokens or max(steered, default=3))
 
     # ----- public entry points ------------------------------------------------------------------
     def generate(self, request: Request | str, **fields: Any) -> Result:

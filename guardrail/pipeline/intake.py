@@ -22,7 +22,8 @@ def start(requests: Sequence[Request], registry: Any, engine: Any) -> list[Reque
             check_fields(req)
             resolved = policy_set.resolve(req.tenant)
             tenant, policy = resolved
-            ctx = RequestContext(request=req, tenant=tenant, policy=policy, runtime=runtimes[policy.name],
+            runtime = runtimes[policy.name]  # its policy has the default stages filled in
+            ctx = RequestContext(request=req, tenant=tenant, policy=runtime.policy, runtime=runtime,
                                  by_default=bool(getattr(resolved, "by_default", False)))
             validate(ctx, engine)
         except InputError as exc:

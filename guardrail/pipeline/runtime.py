@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from guardrail.errors import GuardrailError, PolicyError
+from guardrail.errors import GuardrailError, PluginError, PolicyError
 from guardrail.plugin.protocols import RiskAssessor, StageEnv, protocol_problems
 from guardrail.method.edges import conformal_rank, fpr_edge
 from guardrail.policy import AssessorSpec, Band, FprTarget, Policy
@@ -61,7 +61,7 @@ def resolve_bands(policy: Policy, artifacts: Any) -> dict[str, tuple[Band, ...]]
         rows = list(zip(*(risk[n][fmt] for n in names)))
         combined = [_combine(row, policy) for row in rows]
         try:
-            out[fmt] = _numeric(policy, combined)
+            out[fmt] = numeric_bands(policy, combined)
         except PolicyError as exc:
             raise PolicyError([(f, line, f"format {fmt}: {m}") for f, line, m in exc.problems]) from None
     if not out:
@@ -79,7 +79,7 @@ def _combine(values: tuple[float, ...], policy: Policy) -> float:
     return sum(s.weight * v for s, v in zip(specs, values)) / sum(s.weight for s in specs)
 
 
-def _numeric(policy: Policy, benign: list[float]) -> tuple[Band, ...]:
+def numeric_bands(policy: Policy, benign: list[float]) -> tuple[Band, ...]:
     """The policy's bands with every error-rate edge resolved over these benign risks, kept
     ascending (an edge never below the one before it) and inside (0, 1]."""
     out, previous = [], 0.0
@@ -106,6 +106,10 @@ def _conforming(kind: str, name: str, stage: Any) -> Any:
 
 def build(policy: Policy, env: StageEnv) -> PolicyRuntime:
     plugins = env.plugins
+    try:
+        policy = policy.with_default_stages(plugins.default_stage)
+    except PluginError as exc:
+        raise PolicyError([(policy.name, 1, str(exc))]) from None
     runtime = PolicyRuntime(
         policy=policy,
         reformulator=_conforming("reformulators", policy.reformulator.use,

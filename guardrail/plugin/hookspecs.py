@@ -5,9 +5,12 @@ the entry-point group `guardrail`, exactly like the built-in stages in `plugins/
 
 Stages are *named implementations*: a policy says `reformulator: {use: visual_context}` and the
 plugin that registered `visual_context` builds it. The `guardrail_register_*` hooks are how a
-plugin adds names; each gets a `register(name, factory)` callable. A factory is called with the
-stage's `with:` parameters from the policy (as keyword arguments) and returns an object following
-the stage's Protocol in `guardrail.plugin.protocols`.
+plugin adds names; each gets a `register(name, factory, default=False)` callable. A factory is
+called with the stage's `with:` parameters from the policy (as keyword arguments) and returns an
+object following the stage's Protocol in `guardrail.plugin.protocols`. `default=True` makes the
+stage the one a policy gets when it names none of that kind (the built-ins declare the paper's
+reformulator and steering, and the rules judge); when two installed plugins both declare one, a
+policy relying on the default is refused, naming both.
 
 `guardrail_audit(record)` is different: it is a broadcast. Every implementation is called for every
 request, so an installed plugin can ship records wherever it likes.
@@ -24,7 +27,7 @@ PROJECT = "guardrail"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
-Register = Callable[[str, Callable[..., Any]], None]
+Register = Callable[..., None]  # register(name, factory, default=False)
 
 
 @hookspec
@@ -69,6 +72,15 @@ def guardrail_register_audit_sinks(register: Register) -> None:
 @hookspec
 def guardrail_register_judges(register: Register) -> None:
     """Register refusal judges for evaluation: objects with `is_refusal(answer) -> bool`."""
+
+
+@hookspec
+def guardrail_register_baselines(register: Register) -> None:
+    """Register the baselines `guardrail eval` compares RAS with: objects with `variants` (method
+    names run when --methods is not given, e.g. "fixed:0.5"), `sweep` (whether its variants trace a
+    strength curve in the trade-off plot), `check(args)` (raise ValueError on bad `NAME:ARGS`) and
+    `document(base, args, tokens) -> dict` (the policy of method `NAME[:ARGS]`, made from the
+    policy under test's document `base`; `tokens` = its deepest steered band's token count)."""
 
 
 @hookspec

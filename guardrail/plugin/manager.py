@@ -32,6 +32,7 @@ STAGE_KINDS = {
     "calibrators": "guardrail_register_calibrators",
     "audit_sinks": "guardrail_register_audit_sinks",
     "judges": "guardrail_register_judges",
+    "baselines": "guardrail_register_baselines",
 }
 
 
@@ -41,6 +42,7 @@ class StageEntry:
     name: str
     factory: Callable[..., Any]
     plugin: str
+    default: bool = False
 
 
 @dataclass(frozen=True)
@@ -136,13 +138,14 @@ class PluginManager:
             for kind, hook_name in STAGE_KINDS.items():
                 caller = getattr(self._pm.hook, hook_name)
                 for impl in reversed(caller.get_hookimpls()):  # registration order
-                    def register(name: str, factory: Callable[..., Any], _kind=kind, _plugin=impl.plugin_name) -> None:
+                    def register(name: str, factory: Callable[..., Any], default: bool = False, _kind=kind,
+                                 _plugin=impl.plugin_name) -> None:
                         if not isinstance(name, str) or not name:
                             raise PluginError(f"plugin {_plugin!r} registered a {_kind} stage without a name")
                         if name in table[_kind]:
                             other = table[_kind][name].plugin
                             raise PluginError(f"{_kind} stage {name!r} is registered by both {other!r} and {_plugin!r}")
-                        table[_kind][name] = StageEntry(_kind, name, factory, _plugin)
+                        table[_kind][name] = StageEntry(_kind, name, factory, _plugin, bool(default))
 
                     impl.function(register=register)
             self._stages = table
@@ -150,6 +153,31 @@ class PluginManager:
 
     def known_stages(self) -> dict[str, set[str]]:
         return {kind: set(entries) for kind, entries in self.stages().items()}
+
+    def default_stage(self, kind: str) -> str:
+        """The stage a policy gets when it names none of this kind: the one a plugin registered with
+        `default=True`. None, or two, is an error only when a policy relies on it (so installing a
+        plugin can never silently change what an explicit policy runs)."""
+        entries = self.stages().get(kind, {})
+        defaults = [e for e in entries.values() if e.default]
+        label = kind[:-1].replace("_", " ")
+        if not defaults:
+            raise PluginError(f"no installed plugin declares a default {label}; name one in the policy "
+                              f"(known: {', '.join(sorted(entries)) or 'none'})")
+        if len(defaults) > 1:
+            named = ", ".join(f"{e.name!r} ({e.plugin})" for e in sorted(defaults, key=lambda e: e.name))
+            raise PluginError(f"several plugins declare a default {label}: {named}; name one in the policy")
+        return defaults[0].name
+
+    def default_stages(self) -> dict[str, str]:
+        """kind -> default stage name, for the kinds where exactly one plugin declares one."""
+        out = {}
+        for kind in STAGE_KINDS:
+            try:
+                out[kind] = self.default_stage(kind)
+            except PluginError:
+                continue
+        return out
 
     def create(self, kind: str, name: str, params: dict[str, Any] | None = None) -> Any:
         entry = self.stages().get(kind, {}).get(name)
@@ -180,6 +208,8 @@ class PluginManager:
                     "version": info.version,
                     "builtin": info.builtin,
                     "stages": {k: v for k, v in provided.items() if v},
+                    "defaults": {kind: e.name for kind, entries in stages.items() for e in entries.values()
+                                 if e.plugin == name and e.default},
                     "hooks": hooks,
                 }
             )

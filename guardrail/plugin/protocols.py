@@ -128,6 +128,18 @@ class Judge(Protocol):
         """Whether an answer refuses (reads the whole answer, not only its opening)."""
 
 
+@runtime_checkable
+class Baseline(Protocol):
+    variants: tuple[str, ...]
+    sweep: bool
+
+    def check(self, args: Sequence[str]) -> None:
+        """Raise ValueError naming what is wrong with the method's arguments (`NAME:ARGS`)."""
+
+    def document(self, base: dict[str, Any], args: Sequence[str], tokens: int) -> dict[str, Any]:
+        """The policy document of the method, made from the policy under test's document."""
+
+
 PROTOCOLS = {
     "reformulators": Reformulator,
     "captioners": Captioner,
@@ -136,6 +148,7 @@ PROTOCOLS = {
     "calibrators": Calibrator,
     "audit_sinks": AuditSink,
     "judges": Judge,
+    "baselines": Baseline,
 }
 
 

@@ -6,10 +6,14 @@
   the safety prompt + visual context + question (what RAS uses only to read risk).
 * risk assessor `constant`: a fixed risk that needs no model pass, for baselines whose strength does
   not depend on risk (`fixed:S`, `safety_prompt`), so they pay nothing for a risk they ignore.
+* baselines `safety_prompt` (the prompt defence alone: no steering) and `fixed:S[:T]` (the policy's
+  steering at strength S on every request for T tokens, default the policy's deepest steered band),
+  the methods `guardrail eval` compares RAS with, each a policy made from the policy under test.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Sequence
 
 from guardrail.plugin.sdk import ChatRow, Reformulation, RiskNeeds, Score, hookimpl
@@ -55,7 +59,7 @@ def rule_judge(**params: Any) -> Any:
 
 @hookimpl
 def guardrail_register_judges(register):
-    register("rules", rule_judge)
+    register("rules", rule_judge, default=True)
 
 
 @hookimpl
@@ -66,3 +70,60 @@ def guardrail_register_reformulators(register):
 @hookimpl
 def guardrail_register_risk_assessors(register):
     register("constant", ConstantRisk)
+
+
+NO_RISK = {"combine": "max", "assessors": [{"use": "constant", "with": {"risk": 0.0}}]}
+
+
+class SafetyPromptBaseline:
+    """The answer is generated from the safety prompt + visual context + question; never steered."""
+
+    variants = ("safety_prompt",)
+    sweep = False
+
+    def check(self, args: Sequence[str]) -> None:
+        if args:
+            raise ValueError("safety_prompt takes no arguments")
+
+    def document(self, base: dict[str, Any], args: Sequence[str], tokens: int) -> dict[str, Any]:
+        doc = copy.deepcopy(base)
+        doc["risk"] = copy.deepcopy(NO_RISK)
+        doc["reformulator"] = {"use": "safety_prompt", "with": (doc.get("reformulator") or {}).get("with", {})}
+        doc["bands"] = [{"name": "all", "upto": 1.0, "action": "steer", "strength": 0.0}]
+        return doc
+
+
+class FixedStrengthBaseline:
+    """`fixed:S[:T]`: the policy's own steering at strength S on every request, no risk read."""
+
+    variants = ("fixed:0.25", "fixed:0.5", "fixed:0.75", "fixed:1.0")
+    sweep = True
+
+    def check(self, args: Sequence[str]) -> None:
+        self._parse(args)
+
+    @staticmethod
+    def _parse(args: Sequence[str]) -> tuple[float, int | None]:
+        if not 1 <= len(args) <= 2:
+            raise ValueError("expected fixed:STRENGTH or fixed:STRENGTH:TOKENS")
+        try:
+            strength, tokens = float(args[0]), (int(args[1]) if len(args) > 1 else None)
+        except ValueError:
+            raise ValueError("expected fixed:STRENGTH or fixed:STRENGTH:TOKENS") from None
+        if not 0.0 <= strength <= 1.0 or (tokens is not None and tokens < 1):
+            raise ValueError("strength must be in [0, 1] and tokens at least 1")
+        return strength, tokens
+
+    def document(self, base: dict[str, Any], args: Sequence[str], tokens: int) -> dict[str, Any]:
+        strength, own_tokens = self._parse(args)
+        doc = copy.deepcopy(base)
+        doc["risk"] = copy.deepcopy(NO_RISK)
+        doc["bands"] = [{"name": "fixed", "upto": 1.0, "action": "steer", "strength": strength,
+                         "tokens": own_tokens or tokens}]
+        return doc
+
+
+@hookimpl
+def guardrail_register_baselines(register):
+    register("safety_prompt", SafetyPromptBaseline)
+    register("fixed", FixedStrengthBaseline)

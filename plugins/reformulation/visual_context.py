@@ -102,5 +102,5 @@ class PlainReformulator(VisualContextReformulator):
 
 @hookimpl
 def guardrail_register_reformulators(register):
-    register("visual_context", VisualContextReformulator)
+    register("visual_context", VisualContextReformulator, default=True)
     register("plain", PlainReformulator)

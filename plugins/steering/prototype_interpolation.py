@@ -52,7 +52,7 @@ class PrototypeInterpolation:
 
 @hookimpl
 def guardrail_register_steering_controllers(register):
-    register("prototype_interpolation", PrototypeInterpolation)
+    register("prototype_interpolation", PrototypeInterpolation, default=True)
 
 
 @hookimpl
