@@ -199,6 +199,8 @@ def test_plugin_assessor_fits_the_registered_calibrator_on_the_fold_rows(tmp_pat
 
     assessors = cv.available(PluginManager())
     assert {"plugin:linear_probe", "plugin:mean_difference", "plugin:prototype_similarity"} <= set(assessors)
+    assert assessors["plugin:linear_probe+typo"].fit_modalities == cv.MODALITIES  # calibrated on both formats
+    assert cv.policy_key("linear_probe", typographic=True) == "plugin:linear_probe+typo"
     oof = cv.out_of_fold(t, [assessors["plugin:linear_probe"]], ctx, ["a", "b"], progress=False)
     risk = oof["plugin:linear_probe"]["risk"]
     assert not torch.isnan(risk).any()

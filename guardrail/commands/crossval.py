@@ -24,6 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=3, help="greedy steps of the risk pass (default: %(default)s)")
     p.add_argument("--gamma", type=float, default=0.3)
     p.add_argument("--device", default=None)
+    p.add_argument("--calibrate-typographic", action="store_true",
+                   help="the policy's assessors are calibrated on text and typographic rows, as `guardrail "
+                        "calibrate --typographic` does (default: text rows, as without it)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
@@ -59,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         raise cv.CrossvalError(f"unknown assessor(s) {', '.join(unknown)}; choose from {', '.join(known)}")
     for a in policy.risk.assessors:
-        key = cv.policy_key(a.use)
+        key = cv.policy_key(a.use, args.calibrate_typographic)
         if key not in chosen and key in known:
             chosen.append(key)  # the policy's own assessor is always compared
     assessors = [known[a] for a in chosen]
@@ -94,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
     table = cv.Table.concat(tables)
     ctx = cv.FitContext(engine=engine, num_layers=engine.adapter.num_layers, steps=args.steps, gamma=args.gamma,
                         cache=cache, progress=progress)
-    result = cv.run(table, policy, assessors, ctx, names, engine.name, str(args.policy), progress)
+    result = cv.run(table, policy, assessors, ctx, names, engine.name, str(args.policy), progress,
+                    typographic=args.calibrate_typographic)
     shaped = {s.name: s.shaped_guard for s in SOURCES}
     report = {**result.report, "formats": formats, "limits": limits,
               "rows": {m: sum(1 for r in table.rows if r["modality"] == m) for m in formats},

@@ -326,7 +326,8 @@ def plugin_assessor(name: str, fit_modalities: tuple[str, ...] = ("text",)) -> A
 
         return score
 
-    return Assessor(f"plugin:{name}", fit, f"the registered `{name}` calibrator and assessor, exactly as "
+    label = f"plugin:{name}" + ("" if tuple(fit_modalities) == ("text",) else "+typo")
+    return Assessor(label, fit, f"the registered `{name}` calibrator and assessor, exactly as "
                     f"`guardrail calibrate` fits them (layer choice included), on {', '.join(fit_modalities)} rows",
                     fit_modalities=fit_modalities)
 
@@ -353,12 +354,16 @@ def available(plugins: Any) -> dict[str, Assessor]:
     same name) as `plugin:NAME`, then the experiments."""
     stages = plugins.known_stages()
     calibrated = sorted(stages.get("risk_assessors", set()) & stages.get("calibrators", set()))
-    return {**{f"plugin:{n}": plugin_assessor(n) for n in calibrated}, **EXPERIMENTS}
+    out = {f"plugin:{n}": plugin_assessor(n) for n in calibrated}
+    # the same, calibrated on both formats (`guardrail calibrate --typographic`)
+    out |= {f"plugin:{n}+typo": plugin_assessor(n, MODALITIES) for n in calibrated}
+    return {**out, **EXPERIMENTS}
 
 
-def policy_key(use: str) -> str:
-    """The compared assessor that is the policy's assessor `use`: its plugin, calibrated per fold."""
-    return f"plugin:{use}"
+def policy_key(use: str, typographic: bool = False) -> str:
+    """The compared assessor that is the policy's assessor `use`: its plugin, calibrated per fold
+    on text rows, or on both formats (`typographic`, as `guardrail calibrate --typographic`)."""
+    return f"plugin:{use}" + ("+typo" if typographic else "")
 
 
 # ----- folds ------------------------------------------------------------------------------------
@@ -570,14 +575,14 @@ def frontier(rows: Sequence[dict[str, Any]], risk: torch.Tensor, fprs: Sequence[
     return out
 
 
-def policy_risk(policy: Any, oof: dict[str, dict[str, Any]]) -> tuple[str, torch.Tensor]:
+def policy_risk(policy: Any, oof: dict[str, dict[str, Any]], typographic: bool = False) -> tuple[str, torch.Tensor]:
     """The policy's own combination of its assessors' out-of-fold risks."""
     names = [a.use for a in policy.risk.assessors]
-    missing = [n for n in names if policy_key(n) not in oof]
+    missing = [n for n in names if policy_key(n, typographic) not in oof]
     if missing:
         raise CrossvalError(f"the policy's assessor(s) {', '.join(missing)} are not among the compared ones "
                             f"({', '.join(oof)})")
-    stack = torch.stack([oof[policy_key(n)]["risk"] for n in names])
+    stack = torch.stack([oof[policy_key(n, typographic)]["risk"] for n in names])
     weights = torch.tensor([a.weight for a in policy.risk.assessors])
     if policy.risk.combine == "max":
         risk = stack.max(0).values
@@ -596,7 +601,8 @@ class CrossvalResult:
 
 
 def run(table: Table, policy: Any, assessors: Sequence[Assessor], ctx: FitContext, order: Sequence[str],
-        model: str, policy_name: str, progress: bool = True) -> CrossvalResult:
+        model: str, policy_name: str, progress: bool = True, typographic: bool = False) -> CrossvalResult:
+    """`typographic`: the policy's assessors are calibrated on both formats (plugin:NAME+typo)."""
     oof = out_of_fold(table, assessors, ctx, order, progress)
     fpr = policy.error_rate_edges
 
@@ -611,17 +617,17 @@ def run(table: Table, policy: Any, assessors: Sequence[Assessor], ctx: FitContex
     per_assessor = {a.name: {"description": a.description, "fit_formats": list(a.fit_modalities),
                              **summary(oof[a.name]["risk"]),
                              "frontier": frontier(table.rows, oof[a.name]["risk"])} for a in assessors}
-    name, risk = policy_risk(policy, oof)
+    name, risk = policy_risk(policy, oof, typographic)
     fold_edges = None
     if fpr:
         # Nested: for each held-out source, the edges come from inner leave-one-source-out fits on
         # the training sources alone, exactly as calibration resolves them from held-out folds.
         by_key = {a.name: a for a in assessors}
-        mine = [by_key[policy_key(a.use)] for a in policy.risk.assessors]
+        mine = [by_key[policy_key(a.use, typographic)] for a in policy.risk.assessors]
 
         def nested(held_out: str, train_idx: list[int]) -> torch.Tensor:
             inner = out_of_fold(table.subset(train_idx), mine, ctx, [s for s in order if s != held_out], progress=False)
-            return policy_risk(policy, inner)[1]
+            return policy_risk(policy, inner, typographic)[1]
 
         flags, fold_edges = fold_flags(table, risk, policy, order, nested)
         main = summarise(table.rows, risk, policy, order, flags)
@@ -632,6 +638,7 @@ def run(table: Table, policy: Any, assessors: Sequence[Assessor], ctx: FitContex
         "model": model,
         "policy": policy_name,
         "policy_assessor": name,
+        "policy_calibrated_on": "text and typographic rows" if typographic else "text rows",
         "sources": main["sources"],
         "pooled": main["pooled"],
         "categories": main["categories"],
@@ -677,6 +684,14 @@ def report_md(report: dict[str, Any], shaped: dict[str, bool], manifest: dict[st
              "were compared on them): their rows are development numbers.", "",
              f"Bands: " + ", ".join(f"{b['name']} ≤ {_edge(b['upto'])} ({b['action']}, strength {b['strength']})"
                                     for b in report["bands"]), ""]
+    lines += [f"## The policy (risk = `{report['policy_assessor']}`, calibrated per fold on "
+              f"{report.get('policy_calibrated_on', 'text rows')}), pooled over held-out sources", "",
+              "| format | ASR | benign refusal | edgy refusal | AUROC | AUROC vs edgy | n |", "|---|---|---|---|---|---|---|"]
+    for m in mods:
+        p = report["pooled"][m]
+        lines.append(f"| {m} | {_pct(p['asr'])} | {_pct(p['benign_refusal'])} | {_pct(p['edgy_refusal'])} | "
+                     f"{_num(p['auroc'])} | {_num(p.get('auroc_edgy'))} | {p['n']} |")
+    lines.append("")
     if report.get("fold_edges"):
         lines += [f"Error-rate edges, resolved per held-out source ({report['edges_by']}):", "",
                   "| held-out source | " + " | ".join(mods) + " | other formats |", "|---" * (len(mods) + 2) + "|"]
