@@ -27,6 +27,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calibrate-typographic", action="store_true",
                    help="the policy's assessors are calibrated on text and typographic rows, as `guardrail "
                         "calibrate --typographic` does (default: text rows, as without it)")
+    p.add_argument("--policy-risk", default=None, metavar="ASSESSOR",
+                   help="score the policy's (single) assessor with this compared assessor instead, e.g. an "
+                        "experiment shown to reproduce its plugin at a fraction of the cost (nested edges refit it "
+                        "per inner fold)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
@@ -61,8 +65,13 @@ def run(args: argparse.Namespace) -> int:
     unknown = [a for a in chosen if a not in known]
     if unknown:
         raise cv.CrossvalError(f"unknown assessor(s) {', '.join(unknown)}; choose from {', '.join(known)}")
-    for a in policy.risk.assessors:
-        key = cv.policy_key(a.use, args.calibrate_typographic)
+    keys = cv.policy_keys(policy, args.calibrate_typographic)
+    if args.policy_risk:
+        if len(keys) != 1 or args.policy_risk not in known:
+            raise cv.CrossvalError(f"--policy-risk needs a policy with one assessor and a compared assessor "
+                                   f"(choose from {', '.join(known)})")
+        keys = {use: args.policy_risk for use in keys}
+    for key in keys.values():
         if key not in chosen and key in known:
             chosen.append(key)  # the policy's own assessor is always compared
     assessors = [known[a] for a in chosen]
@@ -97,8 +106,7 @@ def run(args: argparse.Namespace) -> int:
     table = cv.Table.concat(tables)
     ctx = cv.FitContext(engine=engine, num_layers=engine.adapter.num_layers, steps=args.steps, gamma=args.gamma,
                         cache=cache, progress=progress)
-    result = cv.run(table, policy, assessors, ctx, names, engine.name, str(args.policy), progress,
-                    typographic=args.calibrate_typographic)
+    result = cv.run(table, policy, assessors, ctx, names, engine.name, str(args.policy), progress, keys=keys)
     shaped = {s.name: s.shaped_guard for s in SOURCES}
     report = {**result.report, "formats": formats, "limits": limits,
               "rows": {m: sum(1 for r in table.rows if r["modality"] == m) for m in formats},

@@ -575,14 +575,20 @@ def frontier(rows: Sequence[dict[str, Any]], risk: torch.Tensor, fprs: Sequence[
     return out
 
 
-def policy_risk(policy: Any, oof: dict[str, dict[str, Any]], typographic: bool = False) -> tuple[str, torch.Tensor]:
+def policy_keys(policy: Any, typographic: bool = False) -> dict[str, str]:
+    """Each of the policy's assessors -> the compared assessor that stands for it."""
+    return {a.use: policy_key(a.use, typographic) for a in policy.risk.assessors}
+
+
+def policy_risk(policy: Any, oof: dict[str, dict[str, Any]], keys: dict[str, str] | None = None) -> tuple[str, torch.Tensor]:
     """The policy's own combination of its assessors' out-of-fold risks."""
     names = [a.use for a in policy.risk.assessors]
-    missing = [n for n in names if policy_key(n, typographic) not in oof]
+    keys = keys or policy_keys(policy)
+    missing = [n for n in names if keys[n] not in oof]
     if missing:
         raise CrossvalError(f"the policy's assessor(s) {', '.join(missing)} are not among the compared ones "
                             f"({', '.join(oof)})")
-    stack = torch.stack([oof[policy_key(n, typographic)]["risk"] for n in names])
+    stack = torch.stack([oof[keys[n]]["risk"] for n in names])
     weights = torch.tensor([a.weight for a in policy.risk.assessors])
     if policy.risk.combine == "max":
         risk = stack.max(0).values
@@ -601,8 +607,9 @@ class CrossvalResult:
 
 
 def run(table: Table, policy: Any, assessors: Sequence[Assessor], ctx: FitContext, order: Sequence[str],
-        model: str, policy_name: str, progress: bool = True, typographic: bool = False) -> CrossvalResult:
-    """`typographic`: the policy's assessors are calibrated on both formats (plugin:NAME+typo)."""
+        model: str, policy_name: str, progress: bool = True, keys: dict[str, str] | None = None) -> CrossvalResult:
+    """`keys`: which compared assessor stands for each of the policy's assessors (default: its
+    plugin, calibrated on text rows; see `policy_keys`)."""
     oof = out_of_fold(table, assessors, ctx, order, progress)
     fpr = policy.error_rate_edges
 
@@ -617,17 +624,18 @@ def run(table: Table, policy: Any, assessors: Sequence[Assessor], ctx: FitContex
     per_assessor = {a.name: {"description": a.description, "fit_formats": list(a.fit_modalities),
                              **summary(oof[a.name]["risk"]),
                              "frontier": frontier(table.rows, oof[a.name]["risk"])} for a in assessors}
-    name, risk = policy_risk(policy, oof, typographic)
+    keys = keys or policy_keys(policy)
+    name, risk = policy_risk(policy, oof, keys)
     fold_edges = None
     if fpr:
         # Nested: for each held-out source, the edges come from inner leave-one-source-out fits on
         # the training sources alone, exactly as calibration resolves them from held-out folds.
         by_key = {a.name: a for a in assessors}
-        mine = [by_key[policy_key(a.use, typographic)] for a in policy.risk.assessors]
+        mine = [by_key[keys[a.use]] for a in policy.risk.assessors]
 
         def nested(held_out: str, train_idx: list[int]) -> torch.Tensor:
             inner = out_of_fold(table.subset(train_idx), mine, ctx, [s for s in order if s != held_out], progress=False)
-            return policy_risk(policy, inner, typographic)[1]
+            return policy_risk(policy, inner, keys)[1]
 
         flags, fold_edges = fold_flags(table, risk, policy, order, nested)
         main = summarise(table.rows, risk, policy, order, flags)
@@ -638,7 +646,7 @@ def run(table: Table, policy: Any, assessors: Sequence[Assessor], ctx: FitContex
         "model": model,
         "policy": policy_name,
         "policy_assessor": name,
-        "policy_calibrated_on": "text and typographic rows" if typographic else "text rows",
+        "policy_risk_from": keys,
         "sources": main["sources"],
         "pooled": main["pooled"],
         "categories": main["categories"],
@@ -684,8 +692,8 @@ def report_md(report: dict[str, Any], shaped: dict[str, bool], manifest: dict[st
              "were compared on them): their rows are development numbers.", "",
              f"Bands: " + ", ".join(f"{b['name']} ≤ {_edge(b['upto'])} ({b['action']}, strength {b['strength']})"
                                     for b in report["bands"]), ""]
-    lines += [f"## The policy (risk = `{report['policy_assessor']}`, calibrated per fold on "
-              f"{report.get('policy_calibrated_on', 'text rows')}), pooled over held-out sources", "",
+    stands = ", ".join(f"`{u}` = `{k}`" for u, k in (report.get("policy_risk_from") or {}).items())
+    lines += [f"## The policy (risk: {stands or report['policy_assessor']}, fitted per fold), pooled over held-out sources", "",
               "| format | ASR | benign refusal | edgy refusal | AUROC | AUROC vs edgy | n |", "|---|---|---|---|---|---|---|"]
     for m in mods:
         p = report["pooled"][m]
