@@ -77,8 +77,7 @@ def test_no_row_of_the_held_out_source_ever_reaches_the_fit(tmp_path):
 
 def test_real_assessors_fit_and_score_on_synthetic_states(tmp_path):
     t = _table({"a": (12, 12, 4), "b": (12, 12, 4), "c": (12, 0, 0)}, modalities=("text", "typographic"), d=16)
-    names = ["probe", "probe+typo", "probe+recentre", "mahalanobis", "mahalanobis+recentre",
-             "knn", "layer_ensemble"]
+    names = ["probe", "probe+typo", "probe+recentre", "mahalanobis+recentre", "knn", "layer_ensemble"]
     oof = cv.out_of_fold(t, [cv.EXPERIMENTS[n] for n in names], _ctx(tmp_path), ["a", "b", "c"], progress=False)
     harmful = t.harmful
     for n in names:
@@ -138,7 +137,7 @@ def test_command_writes_the_report_schema_and_reuses_its_cache(synthetic_data, t
 
     out = tmp_path / "cv"
     argv = ["crossval", "--model", "tiny-random:llama", "--out", str(out), "--data", str(synthetic_data),
-            "--formats", "text", "--assessors", "probe,mahalanobis,knn,layer_ensemble", "--no-progress"]
+            "--formats", "text", "--assessors", "probe,mahalanobis+recentre,knn,layer_ensemble", "--no-progress"]
     assert main(argv) == 0
     report = json.loads((out / "crossval.json").read_text())
     assert report["model"] == "tiny-random:llama" and report["policy"].endswith("default.yaml")
@@ -151,7 +150,7 @@ def test_command_writes_the_report_schema_and_reuses_its_cache(synthetic_data, t
     assert report["sources"]["beta"]["edgy_refusal"] is None
     assert {"asr", "benign_refusal", "edgy_refusal", "auroc", "n"} <= set(report["pooled"])
     # the policy's own assessor joins, run through its registered calibrator
-    assert set(report["assessors"]) == {"probe", "mahalanobis", "knn", "layer_ensemble", "plugin:linear_probe"}
+    assert set(report["assessors"]) == {"probe", "mahalanobis+recentre", "knn", "layer_ensemble", "plugin:linear_probe"}
     assert report["policy_assessor"] == "linear_probe"
     assert "alpha / cat0" in report["categories"]
     for f in ("report.md", "risk_histograms_text.png", "roc.png", "rows.jsonl"):

@@ -340,10 +340,9 @@ EXPERIMENTS: dict[str, Assessor] = {a.name: a for a in (
     Assessor("probe+typo", fit_linear_probe, "the same probe fitted on text and typographic rows"),
     Assessor("probe+recentre", fit_linear_probe_recentred,
              "the probe on states minus the benign mean of the row's input format"),
-    Assessor("mahalanobis", lambda t, c: fit_mahalanobis(t, c),
-             "two-class Mahalanobis difference (PCA 64, Ledoit-Wolf shared covariance) over the probe's layers"),
     Assessor("mahalanobis+recentre", lambda t, c: fit_mahalanobis(t, c, recentred=True),
-             "the same after re-centring on the benign mean of each input format"),
+             "the two-class Mahalanobis difference of plugin:mahalanobis after re-centring on the benign mean "
+             "of each input format"),
     Assessor("knn", fit_knn, "mean cosine distance to the 10 nearest benign minus the 10 nearest unsafe rows (PCA 64)"),
     Assessor("layer_ensemble", fit_layer_ensemble, "mean of standardised per-layer probe logits over the probe's layers"),
 )}

@@ -21,11 +21,16 @@ Every fit is deterministic (no random initialisation; PCA by SVD with a fixed si
 
 from __future__ import annotations
 
-from typing import Any, Hashable, Sequence
+from typing import TYPE_CHECKING, Any, Hashable, Sequence
 
-import torch
 
+from guardrail.lazy import lazy_module
 from guardrail.method.probes import fit_logistic
+
+if TYPE_CHECKING:
+    import torch
+else:  # imported when a tensor is first made, so registering and routing need no torch
+    torch = lazy_module("torch")
 
 Params = dict[str, Any]
 

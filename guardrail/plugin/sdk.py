@@ -27,6 +27,7 @@ _WHERE = {
     **dict.fromkeys(("ArtifactError", "GuardrailError", "InputError", "ModelError", "PluginError", "PolicyError"), "guardrail.errors"),
     **dict.fromkeys(("Artifacts", "Block", "BlockView"), "guardrail.method.artifacts"),
     **dict.fromkeys(("LogisticProbe", "MeanDifference", "choose_layer", "cross_validated_auroc", "fit_logistic", "fit_mean_difference", "logistic_scorer", "mean_difference_scorer"), "guardrail.method.probes"),
+    **dict.fromkeys(("fit_mahalanobis", "score_mahalanobis"), "guardrail.method.contrastive"),
     **dict.fromkeys(("CAPTION_PROMPT", "FIXED_REFUSAL", "risk_query"), "guardrail.method.prompts"),
     **dict.fromkeys(("opens_refusal",), "guardrail.method.refusal"),
     **dict.fromkeys(("LN99", "alpha_for", "auroc", "calibrated_risk", "prototype_similarity"), "guardrail.method.risk_math"),
@@ -61,6 +62,6 @@ __all__ = [
     "StageEnv", "SteeringPlan", "add_direction", "alpha_for", "auroc", "calibrated_risk", "chunked",
     "force_token", "hookimpl", "interpolate", "opens_refusal", "prototype_similarity", "require_block",
     "risk_query", "LogisticProbe", "MeanDifference", "choose_layer", "cross_validated_auroc", "fit_logistic",
-    "fit_mean_difference", "logistic_scorer", "mean_difference_scorer", "CAPTION_PROMPT", "JsonlSink", "JsonlWriter",
+    "fit_mean_difference", "fit_mahalanobis", "score_mahalanobis", "logistic_scorer", "mean_difference_scorer", "CAPTION_PROMPT", "JsonlSink", "JsonlWriter",
     "PolicyError", "structlog_writer",
 ]

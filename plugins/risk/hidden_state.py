@@ -1,4 +1,5 @@
-"""Assessors `mean_difference` and `linear_probe`: risk read from middle layers' hidden states,
+"""Assessors `mean_difference` and `linear_probe` (and the registration of `mahalanobis`, in contrastive.py):
+risk read from middle layers' hidden states,
 each with the calibrator that fits its block.
 
 Both read decoder-layer outputs at the last token of the reformulated query, captured during the
@@ -242,11 +243,17 @@ class LinearProbeAssessor:
 
 @hookimpl
 def guardrail_register_risk_assessors(register):
+    from guardrail_plugins.risk.contrastive import NAME, MahalanobisAssessor
+
     register("mean_difference", MeanDifferenceAssessor)
     register("linear_probe", LinearProbeAssessor)
+    register(NAME, MahalanobisAssessor)
 
 
 @hookimpl
 def guardrail_register_calibrators(register):
+    from guardrail_plugins.risk.contrastive import NAME, MahalanobisCalibrator
+
     register("mean_difference", MeanDifferenceCalibrator)
     register("linear_probe", LinearProbeCalibrator)
+    register(NAME, MahalanobisCalibrator)
