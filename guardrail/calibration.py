@@ -30,6 +30,7 @@ from guardrail.errors import GuardrailError
 from guardrail.method.artifacts import Artifacts, Block, BlockView, save_artifacts
 from guardrail.method.prompts import risk_query
 from guardrail.types import ChatRow
+from guardrail.plugin.protocols import RiskNeeds
 
 if TYPE_CHECKING:
     import torch
@@ -79,6 +80,7 @@ class GatheredStates:
     rows: tuple[CalibrationRow, ...]
     step_logits: torch.Tensor | None  # [n, steps, V] raw logits, or None
     states: dict[int, torch.Tensor]  # layer -> [n, d] at the last token of the reformulated query
+    pooled: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [n, d] mean over its tokens
 
     @property
     def labels(self) -> torch.Tensor:
@@ -98,6 +100,7 @@ class GatheredStates:
             rows=tuple(self.rows[i] for i in index),
             step_logits=None if self.step_logits is None else self.step_logits[idx],
             states={l: v[idx] for l, v in self.states.items()},
+            pooled={l: v[idx] for l, v in self.pooled.items()},
         )
 
     def __len__(self) -> int:
@@ -195,30 +198,40 @@ def build_calibrators(plugins: "PluginManager", names: Sequence[str] | None = No
     return out
 
 
-def gather(engine: Any, rows: Sequence[CalibrationRow], steps: int, layers: Sequence[int], show: bool = True) -> GatheredStates:
-    """The shared risk pass over the rows' reformulated queries: N greedy steps' logits and the
-    chosen layers' states at the last prompt token, in one batched pass."""
+def gather(engine: Any, rows: Sequence[CalibrationRow], need: RiskNeeds, show: bool = True) -> GatheredStates:
+    """The shared risk pass over the rows' reformulated queries: N greedy steps' logits, the chosen
+    layers' states at the last prompt token and the pooled ones, in one batched pass."""
     sees = bool(getattr(engine, "supports_images", False))
     chats = [ChatRow(risk_query(r.text, r.visual_context), tuple(r.images) if sees else ()) for r in rows]
-    layers = sorted(set(int(l) for l in layers))
+    steps, layers, pooled = int(need.steps), sorted(need.layers), sorted(need.pooled)
+    extra = {"pooled": pooled} if pooled else {}  # as the pipeline asks: only when wanted
     # Rows of similar length batch together (less padding to compute); results go back in order.
     order = sorted(range(len(chats)), key=lambda i: len(chats[i].text))
     passes = chunked([chats[i] for i in order], engine.batch_size, "risk pass", show,
-                     lambda chunk: engine.risk_pass(chunk, steps, layers))
+                     lambda chunk: engine.risk_pass(chunk, steps, layers, **extra))
     back = torch.argsort(torch.tensor(order))
-    # as_tensor: a backend (a test double) may hand plain nested lists; calibration is tensor maths
-    step_logits = torch.cat([torch.as_tensor(p.step_logits, dtype=torch.float32) for p in passes])[back] if steps else None
-    states = {l: torch.cat([torch.as_tensor(p.states[l], dtype=torch.float32) for p in passes])[back] for l in layers}
-    return GatheredStates(rows=tuple(rows), step_logits=step_logits, states=states)
+
+    def joined(per_pass: list[Any]) -> torch.Tensor:
+        # as_tensor: a backend (a test double) may hand plain nested lists; calibration is tensor maths
+        return torch.cat([torch.as_tensor(v, dtype=torch.float32) for v in per_pass])[back]
+
+    return GatheredStates(
+        rows=tuple(rows),
+        step_logits=joined([p.step_logits for p in passes]) if steps else None,
+        states={l: joined([p.states[l] for p in passes]) for l in layers},
+        pooled={l: joined([p.pooled[l] for p in passes]) for l in pooled},
+    )
 
 
-def gather_needs(calibrators: dict[str, Any], ctx: CalibrationContext) -> tuple[int, list[int]]:
-    steps, layers = 0, set()
+def gather_needs(calibrators: dict[str, Any], ctx: CalibrationContext) -> RiskNeeds:
+    """The union of what every calibrator needs from the shared pass (the longest step count)."""
+    steps, layers, pooled = 0, set(), set()
     for _, cal in order_calibrators(calibrators):
         need = cal.needs(ctx)
         steps = max(steps, int(need.steps))
         layers |= set(int(l) for l in need.layers)
-    return steps, sorted(layers)
+        pooled |= set(int(l) for l in need.pooled)
+    return RiskNeeds(steps=steps, layers=frozenset(layers), pooled=frozenset(pooled))
 
 
 def fit_blocks(calibrators: dict[str, Any], data: GatheredStates, ctx: CalibrationContext,
@@ -266,8 +279,7 @@ def calibrate_rows(
     plugins_loaded = (plugins or PluginManager()).load()
     calibrators = build_calibrators(plugins_loaded, cfg.calibrators)
     ctx = CalibrationContext(engine=backend, config=cfg)
-    steps, layers = gather_needs(calibrators, ctx)
-    data = gather(backend, rows, steps, layers, cfg.progress)
+    data = gather(backend, rows, gather_needs(calibrators, ctx), cfg.progress)
     blocks = fit_blocks(calibrators, data, ctx)
     held_out = held_out_benign(calibrators, blocks, data, ctx, plugins_loaded) if cfg.held_out_folds else None
     harmful = [r.text for r in rows if r.harmful]
@@ -343,7 +355,7 @@ def held_out_benign(calibrators: dict[str, Any], blocks: dict[str, Block], data:
             env = StageEnv(engine=_FoldEngine(ctx.engine, Artifacts.from_blocks({}, fold_blocks)),
                            captions=CaptionCache(1), plugins=plugins)
             held = data.subset(test_benign)
-            rp = RiskPass(step_logits=held.step_logits, states=held.states)
+            rp = RiskPass(step_logits=held.step_logits, states=held.states, pooled=held.pooled)
             for name in assessors:
                 stage = plugins.create("risk_assessors", name)
                 stage.check(env, None)

@@ -50,12 +50,14 @@ class FakeBackend:
     def caption(self, rows: Sequence[ChatRow], max_new_tokens: int) -> list[str]:
         return ["The image shows nothing in particular." for _ in rows]
 
-    def risk_pass(self, rows: Sequence[ChatRow], steps: int, layers: Sequence[int]) -> RiskPass:
-        """State of every layer: [word count, 1 if 'bomb' is in the prompt]; flat step logits."""
+    def risk_pass(self, rows: Sequence[ChatRow], steps: int, layers: Sequence[int], pooled: Sequence[int] = ()) -> RiskPass:
+        """State of every layer, last-token or pooled: [word count, 1 if 'bomb' is in the prompt];
+        flat step logits."""
         self.risk_prompts += [r.text for r in rows]
         feats = [[float(len(r.text.split())), float("bomb" in r.text.lower())] for r in rows]
         logits = [[[0.0] * 8 for _ in range(steps)] for _ in rows] if steps else None
-        return RiskPass(step_logits=logits, states={int(l): [list(f) for f in feats] for l in layers})
+        return RiskPass(step_logits=logits, states={int(l): [list(f) for f in feats] for l in layers},
+                        pooled={int(l): [list(f) for f in feats] for l in pooled})
 
     def generate(self, rows: Sequence[ChatRow], plans: Sequence[SteeringPlan], max_new_tokens: int,
                  on_tokens: Any = None) -> list[Generation]:

@@ -189,9 +189,9 @@ class SpyBackend:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    def risk_pass(self, rows, steps, layers):
+    def risk_pass(self, rows, steps, layers, **extra):
         self.risk_rows += len(rows)
-        return self.inner.risk_pass(rows, steps, layers)
+        return self.inner.risk_pass(rows, steps, layers, **extra)
 
     def generate(self, rows, plans, max_new_tokens, on_tokens=None):
         self.generated.append(list(plans))

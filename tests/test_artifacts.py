@@ -32,7 +32,8 @@ def test_calibration_artifact_loads_for_its_model(art_root):
         assert key in meta
     assert meta["steps"] == 3 and meta["gamma"] == 0.3
     # one block per registered calibrator, each written by the plugin that reads it
-    assert set(art.blocks()) == {"prototypes", "prototype_similarity", "mean_difference", "linear_probe", "mahalanobis"}
+    assert set(art.blocks()) == {"prototypes", "prototype_similarity", "mean_difference", "linear_probe", "mahalanobis",
+                                 "pooled_probe"}
     protos = art.block("prototypes")
     assert protos.tensor("states").shape == (16, adapter.hidden_size)
     assert protos.tensor("logits").shape == (16, adapter.vocab_size)

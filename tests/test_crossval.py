@@ -206,6 +206,31 @@ def test_plugin_assessor_fits_the_registered_calibrator_on_the_fold_rows(tmp_pat
     assert cv.auroc(risk[t.harmful].tolist(), risk[~t.harmful].tolist()) > 0.75
 
 
+def test_plugin_assessor_on_pooled_states_reads_the_pooled_table(tmp_path):
+    """plugin:pooled_probe fits on the table's pooled states (here the only ones that separate the
+    classes) and a table gathered without them is refused with a message saying to regather."""
+    from guardrail.engine.transformers import TransformersBackend
+    from guardrail.models import load_model
+    from guardrail.plugin.manager import PluginManager
+
+    engine = TransformersBackend(load_model("tiny-random:llama"))
+    n_layers, hidden = engine.adapter.num_layers, engine.adapter.hidden_size
+    g = torch.Generator().manual_seed(2)
+    rows = [{"id": f"{s}/{i}", "prompt": f"p{i}", "label": "harmful" if i % 2 else "benign", "source": s,
+             "category": None, "format": "question", "modality": "text"} for s in ("a", "b") for i in range(12)]
+    last = torch.randn(len(rows), n_layers, hidden, generator=g)
+    pooled = torch.randn(len(rows), n_layers, hidden, generator=g)
+    pooled[1::2] += 1.0
+    ids, logp = torch.zeros(len(rows), 3, 4, dtype=torch.int32), torch.zeros(len(rows), 3, 4)
+    ctx = cv.FitContext(engine=engine, num_layers=n_layers, steps=3, gamma=0.3, cache=tmp_path)
+    assessor = cv.available(PluginManager())["plugin:pooled_probe"]
+    t = cv.Table(rows, last.half(), ids, logp, pooled.half())
+    risk = cv.out_of_fold(t, [assessor], ctx, ["a", "b"], progress=False)["plugin:pooled_probe"]["risk"]
+    assert cv.auroc(risk[t.harmful].tolist(), risk[~t.harmful].tolist()) > 0.75
+    with pytest.raises(cv.CrossvalError, match="without pooled"):
+        cv.out_of_fold(cv.Table(rows, last.half(), ids, logp), [assessor], ctx, ["a", "b"], progress=False)
+
+
 def test_error_rate_edges_are_resolved_per_held_out_source_from_inner_folds_only(tmp_path):
     """Nested: for held-out source s the policy's `benign_fpr` edge comes from inner
     leave-one-source-out fits on the other sources; no fit behind s's edge ever sees s."""

@@ -199,3 +199,24 @@ def test_risk_pass_steps_and_states_match_a_manual_forward(art_root):
         # hidden_states[l + 1] is the output of decoder layer l
         assert torch.allclose(rp.states[2][i], out.hidden_states[3][0, -1].float(), atol=1e-4)
         assert rp.tokens[i, 0].item() == int(out.logits[0, -1].argmax())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pooled_states_are_the_mean_over_every_prompt_token(family, art_root):
+    """`pooled` layers come back as the decoder-layer output averaged over the prompt's real tokens
+    (image tokens included, padding left out): the same in a padded batch as for the row alone,
+    with and without greedy steps, and the last-token states beside them are unchanged."""
+    backend = backend_for(family, art_root)
+    rows = rows_for(family)
+    with backend.prefix_scope():  # pooled rows must not continue from a shared image prefix
+        rp = backend.risk_pass(rows, 2, [1], pooled=[0, 2])
+    alone = backend.risk_pass(rows, 0, [1])
+    for i, row in enumerate(rows):
+        batch = backend.adapter.encode([row])
+        with torch.no_grad():
+            out = backend.adapter.model(**batch, output_hidden_states=True)
+        for layer in (0, 2):
+            want = out.hidden_states[layer + 1][0].float().mean(0)
+            torch.testing.assert_close(rp.pooled[layer][i], want, atol=1e-4, rtol=1e-3)
+        torch.testing.assert_close(rp.states[1][i], alone.states[1][i], atol=1e-4, rtol=1e-3)
+    assert len(rp.select([2]).pooled[0]) == 1

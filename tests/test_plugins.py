@@ -19,7 +19,7 @@ from guardrail.plugin.manager import PluginManager
 BUILTIN_STAGES = {
     "reformulators": {"visual_context", "plain"},
     "captioners": {"model", "ocr", "auto"},
-    "risk_assessors": {"prototype_similarity", "mean_difference", "linear_probe", "mahalanobis"},
+    "risk_assessors": {"prototype_similarity", "mean_difference", "linear_probe", "mahalanobis", "pooled_probe"},
     "steering_controllers": {"prototype_interpolation", "refusal_direction"},
     "audit_sinks": {"jsonl"},
 }
@@ -70,7 +70,7 @@ def test_plugins_command_lists_stages(capsys):
     names = {p["name"] for p in data}
     assert {"visual_context", "hidden_state", "audit_jsonl"} <= names
     assert main(["plugins"]) == 0
-    assert "risk_assessors: linear_probe, mahalanobis, mean_difference" in capsys.readouterr().out
+    assert "risk_assessors: linear_probe, mahalanobis, mean_difference, pooled_probe" in capsys.readouterr().out
 
 
 PLUGIN_PYPROJECT = """\

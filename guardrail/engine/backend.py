@@ -4,10 +4,12 @@ Stages and policies never see a transformers object; they talk to a `Backend`. T
 on purpose, so a backend on another serving engine can slot in without touching stages or policies:
 
 * `caption(rows, max_new_tokens)` — greedy answers to caption prompts (image + instruction).
-* `risk_pass(rows, steps, layers)` — one greedy pass over the reformulated prompts that returns the
-  raw next-token logits at response steps 1..steps and the decoder-layer states at the last prompt
-  token. The paper's risk needs only the logits (vLLM: `logprobs` over the full vocabulary, or a
-  logits processor that records them); the hidden-state assessors need the layer states.
+* `risk_pass(rows, steps, layers, pooled=())` — one greedy pass over the reformulated prompts that
+  returns the raw next-token logits at response steps 1..steps, the decoder-layer states at the last
+  prompt token (`layers`) and, for `pooled`, the layer states averaged over every prompt token. The
+  paper's risk needs only the logits (vLLM: `logprobs` over the full vocabulary, or a logits
+  processor that records them); the hidden-state assessors need the layer states. `pooled` is
+  passed only when an assessor asks for it, so a backend that never gives it may leave it out.
 * `generate(rows, plans, max_new_tokens, on_tokens)` — batched greedy generation in which each row
   follows its own `SteeringPlan`: a tuple of typed interventions (`guardrail.engine.interventions`).
   A backend applies the kinds it lists in `interventions` and refuses others; the pipeline refuses
@@ -46,6 +48,7 @@ class RiskPass:
     step_logits: torch.Tensor | None  # [B, steps, V] float32 raw logits, or None when steps == 0
     states: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, d] float32
     tokens: torch.Tensor | None = None  # [B, steps] the greedy tokens
+    pooled: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, d] mean over prompt tokens
 
     def select(self, rows: Sequence[int]) -> "RiskPass":
         """The same pass restricted to some rows (an assessor scores only its policy's rows)."""
@@ -54,12 +57,14 @@ class RiskPass:
             step_logits=_pick(self.step_logits, rows),
             states={layer: _pick(value, rows) for layer, value in self.states.items()},
             tokens=_pick(self.tokens, rows),
+            pooled={layer: _pick(value, rows) for layer, value in self.pooled.items()},
         )
 
     def __len__(self) -> int:
         if self.step_logits is not None:
             return len(self.step_logits)
-        return len(next(iter(self.states.values()))) if self.states else 0
+        filled = self.states or self.pooled
+        return len(next(iter(filled.values()))) if filled else 0
 
 
 def _pick(value: Any, rows: list[int]) -> Any:
@@ -90,7 +95,9 @@ class Backend(Protocol):
 
     def caption(self, rows: Sequence["ChatRow"], max_new_tokens: int) -> list[str]: ...
 
-    def risk_pass(self, rows: Sequence["ChatRow"], steps: int, layers: Sequence[int]) -> RiskPass: ...
+    def risk_pass(
+        self, rows: Sequence["ChatRow"], steps: int, layers: Sequence[int], pooled: Sequence[int] = ()
+    ) -> RiskPass: ...
 
     def generate(
         self,

@@ -172,6 +172,37 @@ class StateCapture:
         return hook
 
 
+class PooledCapture:
+    """Records, for chosen modules, the output of the first forward averaged over the positions
+    the attention mask keeps (every prompt token, padding left out)."""
+
+    def __init__(self, mask: torch.Tensor):
+        self.mask = mask.detach()  # [B, T], 1 = a real token
+        self.states: dict[object, torch.Tensor] = {}
+
+    def hook_for(self, key: object):
+        def hook(module: nn.Module, args: object, output: object) -> None:
+            if key in self.states:
+                return  # decode steps see one new position each; the prompt was the prefill
+            x = _output_tensor(output).detach().float()
+            mask = self.mask.to(x.device, torch.float32)[:, -x.shape[1]:].unsqueeze(-1)
+            self.states[key] = ((x * mask).sum(1) / mask.sum(1).clamp_min(1.0)).cpu()
+
+        return hook
+
+
+@contextlib.contextmanager
+def capture_pooled(modules: dict[object, nn.Module], mask: torch.Tensor) -> Iterator[PooledCapture]:
+    """Capture `modules`' prefill outputs mean-pooled over the prompt tokens `mask` keeps."""
+    capture = PooledCapture(mask)
+    handles = [module.register_forward_hook(capture.hook_for(key)) for key, module in modules.items()]
+    try:
+        yield capture
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @contextlib.contextmanager
 def capture_states(modules: dict[object, nn.Module], calls: int = 1) -> Iterator[StateCapture]:
     """Capture last-position outputs of `modules` (key -> module) during the first `calls` forwards."""

@@ -32,6 +32,7 @@ from guardrail.engine.prefix_sharing import PrefixSharing
 from guardrail.engine.hooks import (
     ForcedPrefixProcessor,
     additive_steering,
+    capture_pooled,
     capture_states,
     logit_interpolation,
     state_interpolation,
@@ -179,21 +180,28 @@ class TransformersBackend:
         return [g.text.strip() for g in gens]
 
     @torch.inference_mode()
-    def risk_pass(self, rows: Sequence[ChatRow], steps: int, layers: Sequence[int]) -> RiskPass:
+    def risk_pass(self, rows: Sequence[ChatRow], steps: int, layers: Sequence[int], pooled: Sequence[int] = ()) -> RiskPass:
         n = len(rows)
         layer_list = sorted(set(int(l) for l in layers))
+        pooled_list = sorted(set(int(l) for l in pooled))
         decoder = self.adapter.decoder_layers()
-        for layer in layer_list:
+        for layer in layer_list + pooled_list:
             if not 0 <= layer < len(decoder):
                 raise ModelError(f"layer {layer} out of range: {self.name} has {len(decoder)} decoder layers")
         logits = torch.zeros(n, steps, self.adapter.vocab_size) if steps else None
         tokens = torch.zeros(n, steps, dtype=torch.long) if steps else None
         states = {l: torch.zeros(n, self.adapter.hidden_size) for l in layer_list}
+        means = {l: torch.zeros(n, self.adapter.hidden_size) for l in pooled_list}
         with self.lock:
             for idx in self._chunks(rows):
-                inputs, shared = self._inputs([rows[i] for i in idx])
+                chunk = [rows[i] for i in idx]
+                # A pooled state averages every prompt position, so the pass runs over the whole
+                # prompt: a shared image prefix's positions would otherwise be missing from it.
+                inputs, shared = (self.sharing.encode(chunk), None) if pooled_list else self._inputs(chunk)
                 prompt_len = inputs["input_ids"].shape[1]
-                with capture_states({l: decoder[l] for l in layer_list}, calls=1) as cap:
+                with contextlib.ExitStack() as stack:
+                    cap = stack.enter_context(capture_states({l: decoder[l] for l in layer_list}, calls=1))
+                    pool = stack.enter_context(capture_pooled({l: decoder[l] for l in pooled_list}, inputs["attention_mask"]))
                     if steps:
                         # min_new_tokens keeps all N steps even if EOS is the argmax; the recorded
                         # logits are the raw ones, taken before that processor.
@@ -215,7 +223,9 @@ class TransformersBackend:
                         self.adapter.model(**inputs, use_cache=False)
                 for l in layer_list:
                     states[l][idx] = cap.states[l][0]
-        return RiskPass(step_logits=logits, states=states, tokens=tokens)
+                for l in pooled_list:
+                    means[l][idx] = pool.states[l]
+        return RiskPass(step_logits=logits, states=states, tokens=tokens, pooled=means)
 
     def _steering(self, plans: Sequence[SteeringPlan], prompt_len: int) -> tuple[list[Any], contextlib.ExitStack]:
         """Logits processors and hooks for a batch's plans; none at all when no row is steered."""

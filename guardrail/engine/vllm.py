@@ -21,7 +21,7 @@ What runs where:
   log-softmax differs from the logits by a per-row constant, which every softmax-based statistic
   (the paper's similarity) ignores.
 
-What it cannot give: decoder-layer states. The backend declares `risk_inputs = {"step_logits"}`,
+What it cannot give: decoder-layer states, last-token or pooled. The backend declares `risk_inputs = {"step_logits"}`,
 so a policy whose assessors need layer states (`linear_probe`, `mean_difference`) is refused when it
 loads (guardrail.pipeline.runtime), and `interventions = {LogitInterpolation}`, so additive steering
 and forced prefixes are refused the same way. Images are not supported yet (text-only models).
@@ -486,8 +486,8 @@ class VllmBackend:
 
         return self._map(one, list(enumerate(bodies)))
 
-    def risk_pass(self, rows: Sequence[ChatRow], steps: int, layers: Sequence[int]) -> RiskPass:
-        if layers:
+    def risk_pass(self, rows: Sequence[ChatRow], steps: int, layers: Sequence[int], pooled: Sequence[int] = ()) -> RiskPass:
+        if layers or pooled:
             raise ModelError("the vLLM backend gives no decoder-layer states (risk_inputs: step_logits only); "
                              "use prototype_similarity")
         if not steps:

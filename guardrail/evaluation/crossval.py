@@ -3,8 +3,9 @@ the others, score the held-out source at the policy's bands, rotate.
 
 Design:
 - **one model pass per row.** The risk pass the guard runs (the policy's reformulator, then the
-  reformulated query: decoder-layer states at the last prompt token for every layer, and the
-  first N greedy steps' next-token log-probabilities, top-K of each kept) is computed once per row
+  reformulated query: decoder-layer states at the last prompt token and averaged over the prompt's
+  tokens for every layer, and the first N greedy steps' next-token log-probabilities, top-K of
+  each kept) is computed once per row
   and input format and cached on disk under `<out>/cache/`, one file per (format, source), keyed
   by the model fingerprint, the rows and the settings. Reruns and report changes cost nothing.
 - **folds by source.** For each source S (in the fixed source order): every assessor is fitted on
@@ -76,17 +77,20 @@ def load_rows(home: Path, sources: Sequence[str], modality: str, limit: int | No
 # ----- gathered states --------------------------------------------------------------------------
 @dataclass
 class Table:
-    """Everything the assessors read, row-aligned: states [n, L, d] (every decoder layer), and
-    the greedy steps' top-K token ids and log-probabilities [n, N, K]."""
+    """Everything the assessors read, row-aligned: states [n, L, d] at the last prompt token (every
+    decoder layer), the same averaged over the prompt's tokens (`pooled`, [n, L, d]), and the
+    greedy steps' top-K token ids and log-probabilities [n, N, K]."""
 
     rows: list[dict[str, Any]]
     states: torch.Tensor
     top_ids: torch.Tensor
     top_logp: torch.Tensor
+    pooled: torch.Tensor | None = None
 
     def subset(self, index: Sequence[int]) -> "Table":
         idx = torch.tensor(list(index), dtype=torch.long)
-        return Table([self.rows[i] for i in index], self.states[idx], self.top_ids[idx], self.top_logp[idx])
+        pooled = None if self.pooled is None else self.pooled[idx]
+        return Table([self.rows[i] for i in index], self.states[idx], self.top_ids[idx], self.top_logp[idx], pooled)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -103,10 +107,16 @@ class Table:
         """The chosen layers' states side by side, [n, len(layers)·d], float32."""
         return self.states[:, list(layers)].float().reshape(len(self), -1)
 
+    def pooled_states(self, layer: int) -> torch.Tensor:
+        if self.pooled is None:
+            raise CrossvalError("these states were gathered without pooled ones (regather: remove the cache)")
+        return self.pooled[:, layer].float()
+
     @staticmethod
     def concat(tables: Sequence["Table"]) -> "Table":
+        pooled = None if any(t.pooled is None for t in tables) else torch.cat([t.pooled for t in tables])
         return Table([r for t in tables for r in t.rows], torch.cat([t.states for t in tables]),
-                     torch.cat([t.top_ids for t in tables]), torch.cat([t.top_logp for t in tables]))
+                     torch.cat([t.top_ids for t in tables]), torch.cat([t.top_logp for t in tables]), pooled)
 
 
 def _digest(obj: Any) -> str:
@@ -136,6 +146,7 @@ def gather(engine: Any, env: Any, policy: Any, rows: Sequence[dict[str, Any]], s
         raise CrossvalError("no rows to gather")
     policy = policy.with_default_stages(env.plugins.default_stage)
     key = _digest({"model": engine.fingerprint() if engine is not None else None, "steps": steps, "topk": topk,
+                   "pooled": True,
                    "reformulator": [policy.reformulator.use, policy.reformulator.params],
                    "rows": [_row_key(r) for r in rows]})
     name = f"{rows[0]['modality']}-{rows[0]['source']}-{key[:16]}.pt"
@@ -144,13 +155,14 @@ def gather(engine: Any, env: Any, policy: Any, rows: Sequence[dict[str, Any]], s
         saved = torch.load(path, weights_only=True)
         contexts = saved.pop("visual_context")
         table = Table([dict(r, visual_context=c) for r, c in zip(rows, contexts)], **saved)
-        if len(table.states) == len(rows):
+        if len(table.states) == len(rows) and table.pooled is not None:
             return table
     if engine is None:
         raise CrossvalError(f"{path} is not cached and no model was loaded")
     n_layers = engine.adapter.num_layers
     layers = list(range(n_layers))
     states = torch.zeros(len(rows), n_layers, engine.adapter.hidden_size, dtype=torch.float16)
+    pooled = torch.zeros_like(states)
     top_ids = torch.zeros(len(rows), steps, topk, dtype=torch.int32)
     top_logp = torch.zeros(len(rows), steps, topk, dtype=torch.float32)
     contexts = [""] * len(rows)
@@ -168,9 +180,10 @@ def gather(engine: Any, env: Any, policy: Any, rows: Sequence[dict[str, Any]], s
     with bar(len(rows), f"risk pass {rows[0]['modality']} {rows[0]['source']}", progress) as b:
         for start in range(0, len(order), size):
             idx = order[start : start + size]
-            rp = engine.risk_pass([prompts[i] for i in idx], steps, layers)
+            rp = engine.risk_pass([prompts[i] for i in idx], steps, layers, pooled=layers)
             index = torch.tensor(idx)
             states[index] = torch.stack([rp.states[l] for l in layers], dim=1).to(torch.float16)
+            pooled[index] = torch.stack([rp.pooled[l] for l in layers], dim=1).to(torch.float16)
             logp = torch.log_softmax(rp.step_logits.float(), dim=-1)
             k = min(topk, logp.shape[-1])
             values, ids = logp.topk(k, dim=-1)
@@ -181,9 +194,10 @@ def gather(engine: Any, env: Any, policy: Any, rows: Sequence[dict[str, Any]], s
             b.update(len(idx))
     cache.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save({"states": states, "top_ids": top_ids, "top_logp": top_logp, "visual_context": contexts}, tmp)
+    torch.save({"states": states, "pooled": pooled, "top_ids": top_ids, "top_logp": top_logp,
+                "visual_context": contexts}, tmp)
     tmp.replace(path)
-    return Table([dict(r, visual_context=c) for r, c in zip(rows, contexts)], states, top_ids, top_logp)
+    return Table([dict(r, visual_context=c) for r, c in zip(rows, contexts)], states, top_ids, top_logp, pooled)
 
 
 # ----- assessors --------------------------------------------------------------------------------
@@ -305,12 +319,13 @@ def plugin_assessor(name: str, fit_modalities: tuple[str, ...] = ("text",)) -> A
         calibrators = build_calibrators(plugins, [name])
         cfg = CalibrationConfig(steps=ctx.steps, steer_steps=ctx.steps, gamma=ctx.gamma, progress=ctx.progress)
         cctx = CalibrationContext(engine=ctx.engine, config=cfg)
-        steps, layers = gather_needs(calibrators, cctx)
+        need = gather_needs(calibrators, cctx)
         vocab = ctx.engine.adapter.vocab_size
         rows = tuple(CalibrationRow(r.get("request", r["prompt"]), r["label"] == "harmful", r["source"], r["modality"],
                                     r.get("category")) for r in train.rows)
-        data = GatheredStates(rows=rows, step_logits=dense_logits(train, vocab) if steps else None,
-                              states={l: train.states[:, l].float() for l in layers})
+        data = GatheredStates(rows=rows, step_logits=dense_logits(train, vocab) if need.steps else None,
+                              states={l: train.states[:, l].float() for l in need.layers},
+                              pooled={l: train.pooled_states(l) for l in need.pooled})
         blocks = fit_blocks(calibrators, data, cctx)
         art = Artifacts.from_blocks({"model": ctx.engine.name, "fingerprint": ctx.engine.fingerprint(),
                                      "steps": ctx.steps, "gamma": ctx.gamma}, blocks)
@@ -321,7 +336,8 @@ def plugin_assessor(name: str, fit_modalities: tuple[str, ...] = ("text",)) -> A
         def score(t: Table) -> torch.Tensor:
             need = assessor.needs(env)
             rp = RiskPass(step_logits=dense_logits(t, vocab) if need.steps else None,
-                          states={l: t.states[:, l].float() for l in need.layers})
+                          states={l: t.states[:, l].float() for l in need.layers},
+                          pooled={l: t.pooled_states(l) for l in need.pooled})
             return torch.tensor([s.raw for s in assessor.score(rp, [None] * len(t), env)], dtype=torch.float32)
 
         return score

@@ -134,12 +134,14 @@ def build(policy: Policy, env: StageEnv) -> PolicyRuntime:
         if check is not None:
             check(env, policy)
     # A backend may declare the risk-pass outputs it can give (`risk_inputs`: "step_logits",
-    # "layer_states"; undeclared = both). An assessor needing another is refused here, at load.
+    # "layer_states", "pooled_states"; undeclared = all). An assessor needing another is refused
+    # here, at load.
     inputs = getattr(env.engine, "risk_inputs", None)
     if inputs is not None:
         for spec, assessor in runtime.assessors:
             need = assessor.needs(env)
-            lacking = [n for n, wanted in (("layer_states", need.layers), ("step_logits", need.steps)) if wanted and n not in inputs]
+            wants = (("layer_states", need.layers), ("pooled_states", need.pooled), ("step_logits", need.steps))
+            lacking = [n for n, wanted in wants if wanted and n not in inputs]
             if lacking:
                 raise PolicyError([("risk", 1, f"assessor {spec.use!r} needs {', '.join(lacking)}, which the "
                                                f"{type(env.engine).__name__} backend cannot give (it gives: "

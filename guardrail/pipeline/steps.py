@@ -61,8 +61,12 @@ def assess(ctxs: list[RequestContext], env: Any, runner: StageRunner) -> None:
         needs = [a.needs(env) for c in group for _, a in c.runtime.assessors]
         steps = max((n.steps for n in needs), default=0)
         layers = sorted(set().union(*(n.layers for n in needs))) if needs else []
-        if steps or layers:
-            risk_pass = env.engine.risk_pass([c.reformulation.risk_prompt for c in group], steps, layers)
+        pooled = sorted(set().union(*(n.pooled for n in needs))) if needs else []
+        if steps or layers or pooled:
+            prompts = [c.reformulation.risk_prompt for c in group]
+            # `pooled` only when asked for: a backend written before it existed still serves the rest.
+            extra = {"pooled": pooled} if pooled else {}
+            risk_pass = env.engine.risk_pass(prompts, steps, layers, **extra)
         else:
             risk_pass = RiskPass(step_logits=None)
         per_ctx: list[dict[str, Score]] = [{} for _ in group]

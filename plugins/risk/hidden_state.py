@@ -1,4 +1,5 @@
-"""Assessors `mean_difference` and `linear_probe` (and the registration of `mahalanobis`, in contrastive.py):
+"""Assessors `mean_difference` and `linear_probe` (and the registration of `mahalanobis`, in
+contrastive.py, and `pooled_probe`, in pooled_probe.py):
 risk read from middle layers' hidden states,
 each with the calibrator that fits its block.
 
@@ -243,17 +244,19 @@ class LinearProbeAssessor:
 
 @hookimpl
 def guardrail_register_risk_assessors(register):
-    from guardrail_plugins.risk.contrastive import NAME, MahalanobisAssessor
+    from guardrail_plugins.risk import contrastive, pooled_probe
 
     register("mean_difference", MeanDifferenceAssessor)
     register("linear_probe", LinearProbeAssessor)
-    register(NAME, MahalanobisAssessor)
+    register(contrastive.NAME, contrastive.MahalanobisAssessor)
+    register(pooled_probe.NAME, pooled_probe.PooledProbeAssessor)
 
 
 @hookimpl
 def guardrail_register_calibrators(register):
-    from guardrail_plugins.risk.contrastive import NAME, MahalanobisCalibrator
+    from guardrail_plugins.risk import contrastive, pooled_probe
 
     register("mean_difference", MeanDifferenceCalibrator)
     register("linear_probe", LinearProbeCalibrator)
-    register(NAME, MahalanobisCalibrator)
+    register(contrastive.NAME, contrastive.MahalanobisCalibrator)
+    register(pooled_probe.NAME, pooled_probe.PooledProbeCalibrator)
