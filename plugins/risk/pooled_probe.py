@@ -16,7 +16,7 @@ refused when it loads. The pass runs over the whole prompt, so an image prefix s
 caption pass is recomputed for the risk pass.
 
 Block `pooled_probe` v1: tensors `weight`, `mean`, `scale` [k·d], `bias` [1]; meta: `layers`,
-`cv_auroc` (5-fold, on the calibration rows), s_base, s_ref, alpha.
+s_base, s_ref, alpha, `calibration_auroc` (in sample).
 """
 
 from __future__ import annotations
@@ -29,9 +29,7 @@ from guardrail.plugin.sdk import (
     Block,
     RiskNeeds,
     Score,
-    cross_validated_auroc,
     fit_logistic,
-    logistic_scorer,
     require_block,
 )
 from guardrail_plugins.risk.hidden_state import ProbeParams, _check_layers, probe_span, sigmoid_meta
@@ -63,10 +61,11 @@ class PooledProbeCalibrator:
     def fit(self, data: Any, ctx: Any) -> Block:
         labels, layers = data.labels, probe_span(ctx.num_layers)
         x = pooled_features(data.pooled, layers)
-        cv = cross_validated_auroc(x[labels], x[~labels], logistic_scorer, ctx.config.folds)
+        # One fit, no layer search: the span is fixed, so nothing needs cross-validating here (the
+        # calibration's held-out folds and `guardrail crossval` measure it on rows it never saw).
         probe = fit_logistic(x[labels], x[~labels])
-        meta = sigmoid_meta(probe.logit(x), labels, layers[0], {layers[0]: cv})
-        meta = {k: v for k, v in meta.items() if k not in ("layer", "cv_auroc_by_layer")}
+        meta = sigmoid_meta(probe.logit(x), labels, layers[0], {layers[0]: float("nan")})
+        meta = {k: v for k, v in meta.items() if k not in ("layer", "cv_auroc", "cv_auroc_by_layer")}
         meta.update(layers=layers, pool="mean")
         tensors = {"weight": probe.weight, "bias": probe.bias.reshape(1), "mean": probe.mean, "scale": probe.scale}
         return Block(self.version, meta, tensors, {k: (None,) for k in tensors})
