@@ -150,8 +150,8 @@ def test_command_writes_the_report_schema_and_reuses_its_cache(synthetic_data, t
     assert report["sources"]["beta"]["edgy_refusal"] is None
     assert {"asr", "benign_refusal", "edgy_refusal", "auroc", "n"} <= set(report["pooled"])
     # the policy's own assessor joins, run through its registered calibrator
-    assert set(report["assessors"]) == {"probe", "mahalanobis+recentre", "knn", "layer_ensemble", "plugin:linear_probe"}
-    assert report["policy_assessor"] == "linear_probe"
+    assert set(report["assessors"]) == {"probe", "mahalanobis+recentre", "knn", "layer_ensemble", "plugin:pooled_probe"}
+    assert report["policy_assessor"] == "pooled_probe"
     assert "alpha / cat0" in report["categories"]
     for f in ("report.md", "risk_histograms_text.png", "roc.png", "rows.jsonl"):
         assert (out / f).is_file(), f
