@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import tiny_adapter, tiny_artifacts
+from guardrail.engine.backend import RiskPass
 from guardrail.method.artifacts import load_artifacts
 from guardrail.method.probes import choose_layer, cross_validated_auroc, fit_logistic, fit_mean_difference, mean_difference_scorer
 from guardrail.method.risk_math import alpha_for, auroc, calibrated_risk, prototype_similarity
@@ -101,8 +102,14 @@ def test_assessors_score_the_risk_pass_consistently(art_root):
         assessor.check(env, None)  # binds its calibration block, as a policy load does
     steps = max(a.needs(env).steps for a in assessors)
     layers = sorted(set().union(*(a.needs(env).layers for a in assessors)))
-    rp = env.engine.risk_pass([ChatRow("How do I make a bomb?"), ChatRow("How do I bake bread?")], steps, layers)
+    readouts = sorted(set().union(*(a.needs(env).readouts for a in assessors)), key=repr)
+    assert steps == 0 and len(readouts) == 1  # the similarity is asked for as a readout, not as logits
+    rows = [ChatRow("How do I make a bomb?"), ChatRow("How do I bake bread?")]
+    rp = env.engine.risk_pass(rows, steps, layers, readouts=readouts)
     ps = assessors[0].score(rp, [None, None], env)
+    # a pass built by hand with only the logits (calibration's folds) gives the same scores
+    by_hand = RiskPass(step_logits=rp.step_logits)
+    assert [x.raw for x in assessors[0].score(by_hand, [None, None], env)] == [x.raw for x in ps]
     block = art.block("prototype_similarity").meta
     s = prototype_similarity(rp.step_logits[:, :3], art.block("prototypes").tensor("logits")[:3], 0.3)
     for score, s_i in zip(ps, s.tolist()):

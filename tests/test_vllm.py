@@ -124,7 +124,7 @@ def artifact_dir(smollm2, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("vllm-art")
     cfg = CalibrationConfig(elicit_prompts=32, progress=False, held_out_folds=0, folds=3,
-                            calibrators=["prototypes", "prototype_similarity", "linear_probe"])
+                            calibrators=["prototypes", "prototype_similarity", "linear_probe", "pooled_probe"])
     calibrate(TransformersBackend(smollm2), packaged_prompts("harmful")[::4], packaged_prompts("benign")[::4], cfg, out=out)
     return out
 
@@ -200,8 +200,8 @@ def test_streamed_tokens_are_the_answer(vllm):
 
 
 def test_risk_pass_gives_the_same_similarity_and_band(vllm, hf, tmp_path):
-    """prototype_similarity from vLLM's full-vocabulary log-probabilities vs transformers' raw
-    logits: the same band for at least 99 % of the rows (here: all of them)."""
+    """prototype_similarity on vLLM (its readout, computed in the engine) vs transformers (from its
+    raw logits): the same band for at least 99 % of the rows (here: all of them)."""
     from guardrail.calibration import packaged_prompts
     from guardrail.pipeline import Guardrail
     from guardrail.types import Request
@@ -225,13 +225,32 @@ def test_risk_pass_gives_the_same_similarity_and_band(vllm, hf, tmp_path):
     assert (rv.step_logits - torch.log_softmax(rh.step_logits, -1)).abs().max() < 1e-3
 
 
+def test_similarity_readout_is_computed_in_the_engine(vllm, hf):
+    """The paper's S as a readout: computed by the logits processor from the raw logits of N greedy
+    steps and sent back as two forced tokens, equal to transformers' S from its logits, with the
+    same greedy tokens; no log-probabilities are asked for. A malformed readout is refused."""
+    from guardrail.engine.readouts import SimilarityReadout
+
+    r = SimilarityReadout("prototypes/logits", 3, 0.3)
+    rows = [ChatRow(p) for p in PROMPTS]
+    rv, rh = vllm.risk_pass(rows, 0, [], readouts=[r]), hf.risk_pass(rows, 0, [], readouts=[r])
+    assert rv.step_logits is None and torch.equal(rv.tokens, rh.tokens[:, :3])
+    diff = (rv.readouts[r] - rh.readouts[r]).abs().max()
+    assert diff < 1e-4, diff
+    body = vllm._body(vllm.prompt_ids(rows[0]), 5, ignore_eos=True, stop_token_ids=[],
+                      vllm_xargs={"guardrail_readout": "similarity", "guardrail_targets": "prototypes/logits",
+                                  "guardrail_steps": 3, "guardrail_gamma": 2.0, "guardrail_base": 1024})
+    with pytest.raises(ModelError, match="guardrail_gamma"):
+        vllm._post(body)
+
+
 def test_hidden_state_assessor_is_refused_at_load(vllm):
     with pytest.raises(PolicyError) as err:
         from guardrail.pipeline import Guardrail
 
         Guardrail(vllm, REPO / "policies" / "default.yaml")
     message = str(err.value)
-    assert "linear_probe" in message and "layer_states" in message and "VllmBackend" in message
+    assert "pooled_probe" in message and "pooled_states" in message and "VllmBackend" in message
 
 
 def test_additive_steering_is_refused_at_load(vllm, tmp_path):
@@ -306,7 +325,7 @@ def test_remote_shape_answers_the_openai_client_with_the_transformers_verdicts(v
 
 def test_cli_generate_backend_vllm_refuses_a_probe_policy_and_answers_with_the_paper_one(vllm, artifact_dir, capsys):
     """`guardrail generate --backend vllm --vllm-url URL`: the paper's policy answers (strength =
-    risk, first 3 tokens steered in the engine); the default policy (linear_probe) is an error."""
+    risk, first 3 tokens steered in the engine); the default policy (pooled_probe) is an error."""
     import json
 
     from guardrail.cli import main
@@ -317,7 +336,7 @@ def test_cli_generate_backend_vllm_refuses_a_probe_policy_and_answers_with_the_p
     out = json.loads(capsys.readouterr().out)
     assert out["policy"] == "paper" and out["action"] == "steer" and 0 < out["strength"] <= 1 and out["text"]
     assert main(base + ["--policy", str(REPO / "policies" / "default.yaml")]) == 1
-    assert "linear_probe" in capsys.readouterr().err
+    assert "pooled_probe" in capsys.readouterr().err
 
 
 def test_top_k_risk_pass_is_within_its_certified_bound(vllm, hf):

@@ -10,6 +10,9 @@ on purpose, so a backend on another serving engine can slot in without touching 
   paper's risk needs only the logits (vLLM: `logprobs` over the full vocabulary, or a logits
   processor that records them); the hidden-state assessors need the layer states. `pooled` is
   passed only when an assessor asks for it, so a backend that never gives it may leave it out.
+  `readouts` (also passed only when asked for): typed statistics of the greedy steps
+  (`guardrail.engine.readouts`), each [B], computed where that is cheapest — the transformers
+  backend from its logits, the vLLM backend inside the engine.
 * `generate(rows, plans, max_new_tokens, on_tokens)` — batched greedy generation in which each row
   follows its own `SteeringPlan`: a tuple of typed interventions (`guardrail.engine.interventions`).
   A backend applies the kinds it lists in `interventions` and refuses others; the pipeline refuses
@@ -49,6 +52,7 @@ class RiskPass:
     states: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, d] float32
     tokens: torch.Tensor | None = None  # [B, steps] the greedy tokens
     pooled: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, d] mean over prompt tokens
+    readouts: dict[Any, torch.Tensor] = field(default_factory=dict)  # readout -> [B] (guardrail.engine.readouts)
 
     def select(self, rows: Sequence[int]) -> "RiskPass":
         """The same pass restricted to some rows (an assessor scores only its policy's rows)."""
@@ -58,12 +62,22 @@ class RiskPass:
             states={layer: _pick(value, rows) for layer, value in self.states.items()},
             tokens=_pick(self.tokens, rows),
             pooled={layer: _pick(value, rows) for layer, value in self.pooled.items()},
+            readouts={key: _pick(value, rows) for key, value in self.readouts.items()},
         )
+
+    def readout(self, key: Any, artifacts: Any) -> "torch.Tensor":
+        """A readout's values: the backend's, else computed from this pass's step logits (a pass
+        built by hand, e.g. in calibration's held-out folds, carries only the logits)."""
+        if key in self.readouts:
+            return torch.as_tensor(self.readouts[key])
+        if self.step_logits is None:
+            raise ValueError(f"the risk pass has neither the readout {key!r} nor step logits to compute it")
+        return key.from_logits(self.step_logits, artifacts)
 
     def __len__(self) -> int:
         if self.step_logits is not None:
             return len(self.step_logits)
-        filled = self.states or self.pooled
+        filled = self.states or self.pooled or self.readouts
         return len(next(iter(filled.values()))) if filled else 0
 
 
@@ -96,7 +110,8 @@ class Backend(Protocol):
     def caption(self, rows: Sequence["ChatRow"], max_new_tokens: int) -> list[str]: ...
 
     def risk_pass(
-        self, rows: Sequence["ChatRow"], steps: int, layers: Sequence[int], pooled: Sequence[int] = ()
+        self, rows: Sequence["ChatRow"], steps: int, layers: Sequence[int], pooled: Sequence[int] = (),
+        readouts: Sequence[Any] = (),
     ) -> RiskPass: ...
 
     def generate(

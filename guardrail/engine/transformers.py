@@ -180,7 +180,10 @@ class TransformersBackend:
         return [g.text.strip() for g in gens]
 
     @torch.inference_mode()
-    def risk_pass(self, rows: Sequence[ChatRow], steps: int, layers: Sequence[int], pooled: Sequence[int] = ()) -> RiskPass:
+    def risk_pass(self, rows: Sequence[ChatRow], steps: int, layers: Sequence[int], pooled: Sequence[int] = (),
+                  readouts: Sequence[Any] = ()) -> RiskPass:
+        # A readout is computed from the step logits this pass records anyway.
+        steps = max([int(steps)] + [int(r.steps) for r in readouts])
         n = len(rows)
         layer_list = sorted(set(int(l) for l in layers))
         pooled_list = sorted(set(int(l) for l in pooled))
@@ -225,7 +228,8 @@ class TransformersBackend:
                     states[l][idx] = cap.states[l][0]
                 for l in pooled_list:
                     means[l][idx] = pool.states[l]
-        return RiskPass(step_logits=logits, states=states, tokens=tokens, pooled=means)
+        values = {r: r.from_logits(logits, self.artifacts) for r in readouts}
+        return RiskPass(step_logits=logits, states=states, tokens=tokens, pooled=means, readouts=values)
 
     def _steering(self, plans: Sequence[SteeringPlan], prompt_len: int) -> tuple[list[Any], contextlib.ExitStack]:
         """Logits processors and hooks for a batch's plans; none at all when no row is steered."""

@@ -16,13 +16,18 @@ What runs where:
   `guardrail/engine/vllm_processor.py`, which imports nothing of guardrail) with the same artifact
   folder; a steered row carries `vllm_xargs` {strength, tokens, target tensor, artifact sha256} and is
   interpolated in the engine for its first k steps, other rows are never touched.
-* the risk pass asks for the full-vocabulary log-probabilities of `steps` greedy tokens
-  (`--max-logprobs -1`, `logprobs: -1`, taken from the raw logits), returned as `step_logits`; a
-  log-softmax differs from the logits by a per-row constant, which every softmax-based statistic
-  (the paper's similarity) ignores.
+* a readout (the paper's similarity, which `prototype_similarity` asks for as a
+  `SimilarityReadout`) is computed in the engine by the same logits processor: the risk request
+  runs N greedy steps and two more tokens that the processor forces to the value's digits, so one
+  short completion carries it and nothing vocabulary-sized crosses the wire.
+* an assessor that asks for raw step logits gets the full-vocabulary log-probabilities of `steps`
+  greedy tokens (`--max-logprobs -1`, `logprobs: -1`, taken from the raw logits) as `step_logits`;
+  a log-softmax differs from the logits by a per-row constant, which every softmax-based statistic
+  ignores. They cost ~1 s of server CPU per request on SmolLM2 (49,152 × N numbers as JSON).
 
-What it cannot give: decoder-layer states, last-token or pooled. The backend declares `risk_inputs = {"step_logits"}`,
-so a policy whose assessors need layer states (`linear_probe`, `mean_difference`) is refused when it
+What it cannot give: decoder-layer states, last-token or pooled. The backend declares
+`risk_inputs = {"step_logits", "readouts"}`,
+so a policy whose assessors need layer states (`pooled_probe`, `linear_probe`, `mean_difference`) is refused when it
 loads (guardrail.pipeline.runtime), and `interventions = {LogitInterpolation}`, so additive steering
 and forced prefixes are refused the same way. Images are not supported yet (text-only models).
 """
@@ -280,10 +285,15 @@ class VllmServer:
 
 
 # ----- the backend --------------------------------------------------------------------------------
+# A readout's value comes back as two forced tokens, digits in this base (or the vocabulary size,
+# if smaller): precision 1 / (base² − 1), about 1e-9. guardrail_vllm_processor.encode_unit writes them.
+READOUT_BASE = 32768
+
+
 class VllmBackend:
     """The Backend seam over a vLLM OpenAI-compatible server (see the module docstring)."""
 
-    risk_inputs: frozenset[str] = frozenset({"step_logits"})
+    risk_inputs: frozenset[str] = frozenset({"step_logits", "readouts"})
 
     def __init__(
         self,
@@ -486,12 +496,52 @@ class VllmBackend:
 
         return self._map(one, list(enumerate(bodies)))
 
-    def risk_pass(self, rows: Sequence[ChatRow], steps: int, layers: Sequence[int], pooled: Sequence[int] = ()) -> RiskPass:
+    def risk_pass(self, rows: Sequence[ChatRow], steps: int, layers: Sequence[int], pooled: Sequence[int] = (),
+                  readouts: Sequence[Any] = ()) -> RiskPass:
         if layers or pooled:
-            raise ModelError("the vLLM backend gives no decoder-layer states (risk_inputs: step_logits only); "
+            raise ModelError("the vLLM backend gives no decoder-layer states (risk_inputs: step_logits, readouts); "
                              "use prototype_similarity")
-        if not steps:
+        if steps:  # the logits are needed anyway: readouts come from them, as on transformers
+            rp = self._logprob_pass(rows, steps)
+            rp.readouts = {r: r.from_logits(rp.step_logits, self.artifacts) for r in readouts}
+            return rp
+        if not readouts:
             return RiskPass(step_logits=None)
+        values: dict[Any, torch.Tensor] = {}
+        tokens = None
+        for r in readouts:
+            values[r], tokens = self._readout_pass(rows, r)
+        return RiskPass(step_logits=None, tokens=tokens, readouts=values)
+
+    def _readout_pass(self, rows: Sequence[ChatRow], readout: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """A readout computed in the engine by guardrail's logits processor: N greedy steps, then
+        two forced tokens that carry the value (guardrail_vllm_processor.encode_unit); nothing
+        vocabulary-sized crosses the wire."""
+        base = min(READOUT_BASE, self.adapter.vocab_size)
+        xargs: dict[str, Any] = {"guardrail_readout": "similarity", "guardrail_targets": readout.targets,
+                                 "guardrail_steps": int(readout.steps), "guardrail_gamma": float(readout.gamma),
+                                 "guardrail_base": base,
+                                 "guardrail_stop_ids": ",".join(str(t) for t in self.eos_token_ids())}
+        if self.artifact_sha256:
+            xargs["guardrail_artifact"] = self.artifact_sha256
+        n = int(readout.steps)
+
+        def one(prompt: list[int]) -> tuple[float, list[int]]:
+            body = self._body(prompt, n + 2, ignore_eos=True, stop_token_ids=[], vllm_xargs=xargs)
+            ids = list(self._post(body)["choices"][0]["token_ids"])
+            if len(ids) != n + 2:
+                raise ModelError(f"the engine returned {len(ids)} tokens for a readout of {n} steps (is guardrail's "
+                                 "logits processor loaded?)")
+            hi, lo = ids[n], ids[n + 1]
+            if not (0 <= hi < base and 0 <= lo < base):
+                raise ModelError("the engine's readout tokens are out of range (is guardrail's logits processor loaded?)")
+            return (hi * base + lo) / (base * base - 1), ids[:n]
+
+        parts = self._map(one, [self.prompt_ids(r) for r in rows])
+        values = torch.tensor([p[0] for p in parts], dtype=torch.float64)
+        return values, torch.tensor([p[1] for p in parts], dtype=torch.long)
+
+    def _logprob_pass(self, rows: Sequence[ChatRow], steps: int) -> RiskPass:
         vocab = self.adapter.vocab_size
         top = self.risk_top_logprobs if self.risk_top_logprobs and self.risk_top_logprobs < vocab else None
         prompts = [self.prompt_ids(r) for r in rows]

@@ -23,7 +23,22 @@ Per request, through `SamplingParams.extra_args` (in-process) or `vllm_xargs` (H
                          a request calibrated on another artifact is refused, never steered wrongly
 
 At response step n <= k the row's logits become (1 - s) * z_n + s * targets[n - 1]: the same maths
-as guardrail.engine.interventions.interpolate. Rows without `guardrail_strength` are never indexed,
+as guardrail.engine.interventions.interpolate.
+
+A risk-pass request may instead ask for a *readout* (guardrail.engine.readouts), computed here so
+no vocabulary-sized log-probabilities leave the engine:
+
+    guardrail_readout    "similarity": S = cos(sum_n gamma^(n-1) softmax(z_n), the same over targets)
+    guardrail_targets    the artifact tensor P ("BLOCK/TENSOR", [K >= N, V])
+    guardrail_steps      N >= 1 greedy steps
+    guardrail_gamma      gamma in (0, 1]
+    guardrail_base       B >= 2: the value comes back as two forced tokens hi, lo < B
+    guardrail_stop_ids   comma-separated ids kept out of the N greedy steps (as min_tokens would)
+    guardrail_artifact   as above
+
+Steps 1..N are the row's greedy tokens (raw logits recorded, stop ids masked); steps N+1 and N+2
+are forced to hi and lo with hi * B + lo = round(S * (B^2 - 1)) (`encode_unit`; S is in [0, 1],
+a cosine of non-negative vectors), so the request needs max_tokens N + 2 and ignore_eos. Rows without `guardrail_strength` are never indexed,
 so their logits are untouched bit for bit. A steered row leaves the active set after its k-th step:
 from then on it costs no Python work at all, and with no steered row in the batch `apply` returns
 at once.
@@ -55,7 +70,23 @@ ARG_STRENGTH = "guardrail_strength"
 ARG_TOKENS = "guardrail_tokens"
 ARG_TARGETS = "guardrail_targets"
 ARG_ARTIFACT = "guardrail_artifact"
-ARGS = (ARG_STRENGTH, ARG_TOKENS, ARG_TARGETS, ARG_ARTIFACT)
+ARG_READOUT = "guardrail_readout"
+ARG_STEPS = "guardrail_steps"
+ARG_GAMMA = "guardrail_gamma"
+ARG_BASE = "guardrail_base"
+ARG_STOP = "guardrail_stop_ids"
+ARGS = (ARG_STRENGTH, ARG_TOKENS, ARG_TARGETS, ARG_ARTIFACT, ARG_READOUT, ARG_STEPS, ARG_GAMMA, ARG_BASE, ARG_STOP)
+READOUTS = ("similarity",)
+
+
+def encode_unit(value: float, base: int) -> tuple[int, int]:
+    """A value in [0, 1] as two digits (hi, lo) in base `base`: hi * base + lo = round(v (base² − 1))."""
+    u = round(min(1.0, max(0.0, float(value))) * (base * base - 1))
+    return u // base, u % base
+
+
+def decode_unit(hi: int, lo: int, base: int) -> float:
+    return (int(hi) * base + int(lo)) / (base * base - 1)
 
 
 class GuardrailArtifactError(RuntimeError):
@@ -107,9 +138,41 @@ def _vocab_size(vllm_config: Any) -> int | None:
 
 def _args(params: Any) -> dict[str, Any] | None:
     extra = getattr(params, "extra_args", None)
-    if not extra or ARG_STRENGTH not in extra:
+    if not extra or (ARG_STRENGTH not in extra and ARG_READOUT not in extra):
         return None
     return extra
+
+
+def _parse_readout(extra: dict[str, Any]) -> tuple[str, int, float, int, list[int], str | None]:
+    """(targets key, steps, gamma, base, stop ids, artifact digest) of a readout request."""
+    if extra.get(ARG_READOUT) not in READOUTS:
+        raise ValueError(f"{ARG_READOUT} must be one of {', '.join(READOUTS)}, got {extra.get(ARG_READOUT)!r}")
+    if ARG_STRENGTH in extra:
+        raise ValueError(f"a request is either steered ({ARG_STRENGTH}) or a readout ({ARG_READOUT}), not both")
+    targets = extra.get(ARG_TARGETS)
+    if not isinstance(targets, str) or not targets:
+        raise ValueError(f"{ARG_TARGETS} must name an artifact tensor such as 'prototypes/logits', got {targets!r}")
+    try:
+        steps, base = int(extra.get(ARG_STEPS)), int(extra.get(ARG_BASE))
+        gamma = float(extra.get(ARG_GAMMA))
+        stops = [int(t) for t in str(extra.get(ARG_STOP) or "").split(",") if t.strip()]
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{ARG_STEPS}, {ARG_BASE} must be whole numbers, {ARG_GAMMA} a number and "
+                         f"{ARG_STOP} comma-separated ids: {exc}") from exc
+    if steps < 1 or base < 2 or not 0.0 < gamma <= 1.0:
+        raise ValueError(f"readout needs {ARG_STEPS} >= 1, {ARG_BASE} >= 2 and {ARG_GAMMA} in (0, 1]; "
+                         f"got {steps}, {base}, {gamma}")
+    digest = extra.get(ARG_ARTIFACT)
+    if digest is not None and not isinstance(digest, str):
+        raise ValueError(f"{ARG_ARTIFACT} must be the artifact's tensors_sha256, got {digest!r}")
+    return targets, steps, gamma, base, stops, digest
+
+
+def decayed(logits: torch.Tensor, gamma: float) -> torch.Tensor:
+    """sum_n gamma^(n-1) softmax(z_n) over the first axis, float64 (risk_math.decayed_distribution)."""
+    probs = torch.softmax(logits.double(), dim=-1)
+    weights = gamma ** torch.arange(probs.shape[0], dtype=torch.float64, device=probs.device)
+    return (probs * weights.unsqueeze(-1)).sum(dim=0)
 
 
 def _parse(extra: dict[str, Any]) -> tuple[float, int, str, str | None]:
@@ -134,6 +197,43 @@ def _parse(extra: dict[str, Any]) -> tuple[float, int, str, str | None]:
     if digest is not None and not isinstance(digest, str):
         raise ValueError(f"{ARG_ARTIFACT} must be the artifact's tensors_sha256, got {digest!r}")
     return strength, tokens, targets, digest
+
+
+class _Readout:
+    """One readout row's state: each greedy step's distribution, then the two digits to force.
+
+    A step's distribution is stored, not accumulated: the engine may run a long prompt's prefill
+    in chunks and show the processor logits for each chunk at the same step, of which only the
+    last is the prompt's end (its token is the one kept), so a later call for a step replaces the
+    earlier one."""
+
+    __slots__ = ("steps", "gamma", "base", "reference", "stops", "output_ids", "probs", "digits")
+
+    def __init__(self, steps: int, gamma: float, base: int, reference: torch.Tensor, stops: torch.Tensor,
+                 output_ids: list[int]):
+        self.steps, self.gamma, self.base, self.reference, self.stops = steps, gamma, base, reference, stops
+        self.output_ids = output_ids
+        self.probs: list[torch.Tensor | None] = [None] * steps
+        self.digits: tuple[int, int] | None = None
+
+    def apply(self, row: torch.Tensor) -> bool:
+        """Record or force this step on the row's logits (in place); True once the row is done."""
+        step = len(self.output_ids)
+        if step < self.steps:
+            self.probs[step] = torch.softmax(row.double(), dim=-1)
+            if self.stops.numel():
+                row[self.stops] = float("-inf")
+            return False
+        if self.digits is None:
+            q = sum(p * (self.gamma ** n) for n, p in enumerate(self.probs))
+            ref = self.reference
+            s = float((q * ref).sum() / (q.norm() * ref.norm()).clamp_min(1e-300))
+            self.digits = encode_unit(s, self.base)
+            self.probs = []  # nothing vocabulary-sized is kept once the value is known
+        digit = self.digits[0] if step == self.steps else self.digits[1]
+        row.fill_(float("-inf"))
+        row[digit] = 0.0
+        return step >= self.steps + 1
 
 
 class GuardrailInterpolation(LogitsProcessor):
@@ -162,11 +262,27 @@ class GuardrailInterpolation(LogitsProcessor):
         present = [k for k in ARGS if k in extra]
         if not present:
             return
+        tensors, sha = (None, None)
+        if ARG_READOUT in extra:
+            key, steps, gamma, base, stops, digest = _parse_readout(extra)
+            tensors, sha = cls._targets(os.environ.get(ENV_ARTIFACTS) or cls._loaded_from)
+            target = cls._check(tensors, sha, key, steps, digest)
+            cls._check_readout(target, base, stops)
+            return
         if ARG_STRENGTH not in extra:
-            raise ValueError(f"{', '.join(present)} given without {ARG_STRENGTH}")
+            raise ValueError(f"{', '.join(present)} given without {ARG_STRENGTH} or {ARG_READOUT}")
         strength, tokens, key, digest = _parse(extra)
         tensors, sha = cls._targets(os.environ.get(ENV_ARTIFACTS) or cls._loaded_from)
         cls._check(tensors, sha, key, tokens, digest)
+
+    @staticmethod
+    def _check_readout(target: torch.Tensor, base: int, stops: list[int]) -> None:
+        vocab = target.shape[1]
+        if base > vocab:
+            raise ValueError(f"{ARG_BASE} {base} exceeds the vocabulary ({vocab}): its digits are forced tokens")
+        bad = [t for t in stops if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"{ARG_STOP} {bad} are not token ids of the vocabulary ({vocab})")
 
     @staticmethod
     def _check(tensors: dict[str, torch.Tensor], sha: str, key: str, tokens: int, digest: str | None) -> torch.Tensor:
@@ -193,8 +309,11 @@ class GuardrailInterpolation(LogitsProcessor):
                     f"artifact tensor {key!r} has {tensor.shape[1]} vocabulary entries, the served model {vocab}"
                 )
         self._on_device: dict[str, torch.Tensor] = {}
+        self._references: dict[tuple[str, int, float], torch.Tensor] = {}
         # batch row -> [strength, tokens, target [K, V] on device, live output-token list]
         self.active: dict[int, list[Any]] = {}
+        # batch row -> a readout's state (risk-pass requests; see the module docstring)
+        self.readouts: dict[int, _Readout] = {}
 
     def is_argmax_invariant(self) -> bool:
         return False  # interpolation moves the argmax: it must run under greedy sampling too
@@ -205,17 +324,37 @@ class GuardrailInterpolation(LogitsProcessor):
             found = self._on_device[key] = self.tensors[key].to(self.device)
         return found
 
+    def _reference(self, key: str, steps: int, gamma: float) -> torch.Tensor:
+        """sum_n gamma^(n-1) softmax(P_n) over the first `steps` rows of the target, cached."""
+        found = self._references.get((key, steps, gamma))
+        if found is None:
+            found = self._references[(key, steps, gamma)] = decayed(self._target(key)[:steps], gamma)
+        return found
+
+    def _add_readout(self, index: int, extra: dict[str, Any], output_ids: list[int]) -> None:
+        key, steps, gamma, base, stops, digest = _parse_readout(extra)
+        target = self._check(self.tensors, self.sha256, key, steps, digest)
+        self._check_readout(target, base, stops)
+        stop_ids = torch.tensor(stops, dtype=torch.long, device=self.device)
+        self.readouts[index] = _Readout(steps, gamma, base, self._reference(key, steps, gamma), stop_ids, output_ids)
+
     def update_state(self, batch_update: BatchUpdate | None) -> None:
         if batch_update is None:
             return
-        active = self.active
+        active, readouts = self.active, self.readouts
         for index in batch_update.removed:
             active.pop(index, None)
+            readouts.pop(index, None)
         for added in batch_update.added:
             index, params, output_ids = added[0], added[1], added[-1]
             extra = _args(params)
+            readouts.pop(index, None)
             if extra is None:
                 active.pop(index, None)
+                continue
+            if ARG_READOUT in extra:
+                active.pop(index, None)
+                self._add_readout(index, extra, output_ids)
                 continue
             strength, tokens, key, digest = _parse(extra)
             self._check(self.tensors, self.sha256, key, tokens, digest)
@@ -224,13 +363,18 @@ class GuardrailInterpolation(LogitsProcessor):
                 continue
             active[index] = [strength, tokens, self._target(key), output_ids]
         for a, b, direction in batch_update.moved:
-            row_a, row_b = active.pop(a, None), active.pop(b, None)
-            if row_a is not None:
-                active[b] = row_a
-            if direction == MoveDirectionality.SWAP and row_b is not None:
-                active[a] = row_b
+            for rows in (active, readouts):
+                row_a, row_b = rows.pop(a, None), rows.pop(b, None)
+                if row_a is not None:
+                    rows[b] = row_a
+                if direction == MoveDirectionality.SWAP and row_b is not None:
+                    rows[a] = row_b
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.readouts:
+            finished = [index for index, readout in self.readouts.items() if readout.apply(logits[index])]
+            for index in finished:
+                self.readouts.pop(index, None)
         if not self.active:
             return logits
         done: list[int] = []

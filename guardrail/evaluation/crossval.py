@@ -335,7 +335,7 @@ def plugin_assessor(name: str, fit_modalities: tuple[str, ...] = ("text",)) -> A
 
         def score(t: Table) -> torch.Tensor:
             need = assessor.needs(env)
-            rp = RiskPass(step_logits=dense_logits(t, vocab) if need.steps else None,
+            rp = RiskPass(step_logits=dense_logits(t, vocab) if (need.steps or need.readouts) else None,
                           states={l: t.states[:, l].float() for l in need.layers},
                           pooled={l: t.pooled_states(l) for l in need.pooled})
             return torch.tensor([s.raw for s in assessor.score(rp, [None] * len(t), env)], dtype=torch.float32)

@@ -134,13 +134,14 @@ def build(policy: Policy, env: StageEnv) -> PolicyRuntime:
         if check is not None:
             check(env, policy)
     # A backend may declare the risk-pass outputs it can give (`risk_inputs`: "step_logits",
-    # "layer_states", "pooled_states"; undeclared = all). An assessor needing another is refused
-    # here, at load.
+    # "layer_states", "pooled_states", "readouts"; undeclared = all). An assessor needing another
+    # is refused here, at load.
     inputs = getattr(env.engine, "risk_inputs", None)
     if inputs is not None:
         for spec, assessor in runtime.assessors:
             need = assessor.needs(env)
-            wants = (("layer_states", need.layers), ("pooled_states", need.pooled), ("step_logits", need.steps))
+            wants = (("layer_states", need.layers), ("pooled_states", need.pooled), ("step_logits", need.steps),
+                     ("readouts", need.readouts))
             lacking = [n for n, wanted in wants if wanted and n not in inputs]
             if lacking:
                 raise PolicyError([("risk", 1, f"assessor {spec.use!r} needs {', '.join(lacking)}, which the "

@@ -62,10 +62,14 @@ def assess(ctxs: list[RequestContext], env: Any, runner: StageRunner) -> None:
         steps = max((n.steps for n in needs), default=0)
         layers = sorted(set().union(*(n.layers for n in needs))) if needs else []
         pooled = sorted(set().union(*(n.pooled for n in needs))) if needs else []
-        if steps or layers or pooled:
+        readouts = sorted(set().union(*(n.readouts for n in needs)), key=repr) if needs else []
+        if steps or layers or pooled or readouts:
             prompts = [c.reformulation.risk_prompt for c in group]
-            # `pooled` only when asked for: a backend written before it existed still serves the rest.
-            extra = {"pooled": pooled} if pooled else {}
+            # `pooled`/`readouts` only when asked for: a backend written before they existed still
+            # serves the rest.
+            extra: dict[str, Any] = {"pooled": pooled} if pooled else {}
+            if readouts:
+                extra["readouts"] = readouts
             risk_pass = env.engine.risk_pass(prompts, steps, layers, **extra)
         else:
             risk_pass = RiskPass(step_logits=None)

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 _WHERE = {
     **dict.fromkeys(("CalibrationConfig", "CalibrationContext", "CalibrationError", "CalibrationRow", "GatheredStates", "chunked"), "guardrail.calibration"),
     **dict.fromkeys(("RiskPass",), "guardrail.engine.backend"),
+    **dict.fromkeys(("SimilarityReadout",), "guardrail.engine.readouts"),
     **dict.fromkeys(("NO_STEERING", "AdditiveDirection", "ForcedPrefix", "LogitInterpolation", "SteeringPlan", "add_direction", "force_token", "interpolate"), "guardrail.engine.interventions"),
     **dict.fromkeys(("JsonlSink", "JsonlWriter", "structlog_writer"), "guardrail.audit"),
     **dict.fromkeys(("ArtifactError", "GuardrailError", "InputError", "ModelError", "PluginError", "PolicyError"), "guardrail.errors"),
@@ -58,7 +59,7 @@ __all__ = [
     "AdditiveDirection", "ArtifactError", "Artifacts", "Block", "BlockView", "CalibrationConfig",
     "CalibrationContext", "CalibrationError", "CalibrationRow", "ChatRow", "FIXED_REFUSAL", "ForcedPrefix",
     "GatheredStates", "GuardrailError", "InputError", "LN99", "LogitInterpolation", "ModelError",
-    "NO_STEERING", "PluginError", "Reformulation", "RequestView", "RiskNeeds", "RiskPass", "Score",
+    "NO_STEERING", "PluginError", "Reformulation", "RequestView", "RiskNeeds", "RiskPass", "Score", "SimilarityReadout",
     "StageEnv", "SteeringPlan", "add_direction", "alpha_for", "auroc", "calibrated_risk", "chunked",
     "force_token", "hookimpl", "interpolate", "opens_refusal", "prototype_similarity", "require_block",
     "risk_query", "LogisticProbe", "MeanDifference", "choose_layer", "cross_validated_auroc", "fit_logistic",

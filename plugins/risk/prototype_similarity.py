@@ -1,7 +1,10 @@
 """Assessor `prototype_similarity`: the paper's risk signal, with its calibrator.
 
 Run the reformulated query N greedy steps; q = Σ γ^(n−1) softmax(z_n); p = the same over the
-prototype logits; S = cos(q, p); r = σ(α (S − S_base)). Block `prototype_similarity` v1 holds N, γ,
+prototype logits; S = cos(q, p); r = σ(α (S − S_base)). The assessor asks the backend for S as a
+readout (`SimilarityReadout`), so the vLLM backend computes it inside the engine instead of
+shipping N vocabulary-sized distributions per request; the transformers backend computes it from
+its step logits, with the same maths. Block `prototype_similarity` v1 holds N, γ,
 S_base (the mean S over the calibration rows) and α = ln 99 / (1 − S_base); the prototype logits
 are the `prototypes` block's (plugins/steering/prototypes.py).
 """
@@ -23,6 +26,7 @@ from guardrail.plugin.sdk import (
     hookimpl,
     prototype_similarity,
     require_block,
+    SimilarityReadout,
 )
 from guardrail_plugins.steering.prototypes import PROTOTYPES, PrototypeView
 
@@ -82,12 +86,16 @@ class PrototypeSimilarity:
             raise ArtifactError("prototype_similarity used before its policy was checked against an artifact")
         return self.params, self.proto
 
+    def readout(self) -> SimilarityReadout:
+        params = self._bound()[0]
+        return SimilarityReadout(f"{PROTOTYPES}/logits", params.steps, params.gamma)
+
     def needs(self, env: Any) -> RiskNeeds:
-        return RiskNeeds(steps=self._bound()[0].steps)
+        return RiskNeeds(readouts=frozenset([self.readout()]))
 
     def score(self, risk_pass: Any, contexts: Sequence[Any], env: Any) -> list[Score]:
         params, proto = self._bound()
-        s = prototype_similarity(risk_pass.step_logits[:, : params.steps], proto.logits[: params.steps], params.gamma)
+        s = risk_pass.readout(self.readout(), env.artifacts)
         s_base = self.s_base_override if self.s_base_override is not None else params.s_base
         alpha = self.alpha_override if self.alpha_override is not None else params.alpha
         r = calibrated_risk(s, s_base, alpha)
