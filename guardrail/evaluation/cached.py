@@ -12,6 +12,16 @@ from typing import Any, Callable
 from guardrail.paths import cache_home
 
 
+def installed_calibrators() -> list[list[Any]]:
+    """[name, version] of every registered calibrator: a plugin that adds or changes a block
+    (a new assessor) must not be served a cached artifact that lacks it."""
+    from guardrail.calibration import build_calibrators
+    from guardrail.plugin.manager import PluginManager
+
+    calibrators = build_calibrators(PluginManager().load())
+    return sorted([name, getattr(cal, "version", None)] for name, cal in calibrators.items())
+
+
 def artifact_dir(adapter: Any, harmful: list[str], benign: list[str], cfg: Any) -> Path:
     """Folder named after the model and a hash of everything that shapes the calibration."""
     from guardrail import __version__
@@ -19,6 +29,8 @@ def artifact_dir(adapter: Any, harmful: list[str], benign: list[str], cfg: Any) 
     key = {"fingerprint": adapter.fingerprint(), "harmful": harmful, "benign": benign,
            "config": {k: v for k, v in asdict(cfg).items() if k not in ("progress", "extra_meta")},
            "version": __version__}
+    if cfg.calibrators is None:  # every registered calibrator runs: the set shapes the artifact
+        key["calibrators"] = installed_calibrators()
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     safe_name = "".join(c if c.isalnum() or c in "-_" else "-" for c in adapter.name)
     return cache_home() / "artifacts" / f"{safe_name}-{digest}"
