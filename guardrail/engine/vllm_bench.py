@@ -128,22 +128,15 @@ def run(model: str, artifacts: Path | None, rounds: int, batch: int, answer_toke
         t = time.perf_counter()
         guard.assess_batch(requests)
         report["vllm_risk_pass_batch_s"] = time.perf_counter() - t
-        # The same, with the top-1000 log-probabilities and a certified bound (full vocabulary again
-        # for rows whose bound exceeds 1e-4 on the similarity).
-        from guardrail.engine.vllm import VllmBackend
+        # What the readout replaced: the same rows' risk pass as full-vocabulary log-probabilities
+        # of the same greedy steps (what an assessor asking for raw step logits still gets).
+        from guardrail.method.prompts import risk_query
 
-        topk = VllmBackend(engine.model_dir, engine.artifacts, url=engine.url, risk_top_logprobs=1000)
-        try:
-            guard_k = Guardrail(topk, policies)
-            report["vllm_guarded_over_plain_throughput_top1000"] = plain / _median(lambda: guard_k.generate_batch(requests), rounds)
-            t = time.perf_counter()
-            guard_k.assess_batch(requests)
-            report["vllm_risk_pass_batch_s_top1000"] = time.perf_counter() - t
-            report["top1000_full_vocab_fallback_rows"] = topk.risk_fallbacks
-            report["top1000_rows"] = (rounds + 1) * batch
-        finally:
-            topk.close()
-
+        risk_rows = [ChatRow(risk_query(p)) for p in mixed]
+        steps = int(engine.artifacts.block("prototype_similarity").meta["steps"])
+        t = time.perf_counter()
+        engine.risk_pass(risk_rows, steps, [])
+        report["vllm_logprob_risk_pass_batch_s"] = time.perf_counter() - t
         log("steering per decode token ...")
         target = engine.artifacts.tensors["prototypes/logits"]
         n = min(answer_tokens, int(target.shape[0]))
