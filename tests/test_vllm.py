@@ -339,6 +339,32 @@ def test_cli_generate_backend_vllm_refuses_a_probe_policy_and_answers_with_the_p
     assert "pooled_probe" in capsys.readouterr().err
 
 
+def test_eval_backend_vllm_compares_what_the_engine_can_serve(vllm, artifact_dir, tmp_path, capsys):
+    """`guardrail eval --backend vllm --vllm-url URL`: the paper's policy and the baselines run on
+    the engine; the calibrated assessors it cannot serve (layer or pooled states) are left out of
+    the default comparison instead of failing the run; the report is written."""
+    import json
+
+    from guardrail.cli import main
+    from guardrail.evaluation.methods import servable_assessors
+    from guardrail.plugin.manager import PluginManager
+
+    assert servable_assessors(vllm, PluginManager(), ["linear_probe", "pooled_probe", "prototype_similarity"]) \
+        == ["prototype_similarity"]
+    (tmp_path / "h.txt").write_text("\n".join(PROMPTS[1::2]) + "\n")
+    (tmp_path / "b.txt").write_text("\n".join(PROMPTS[0::2]) + "\n")
+    out = tmp_path / "eval"
+    argv = ["eval", "--backend", "vllm", "--vllm-url", vllm.url, "--model", "smollm2", "--artifacts", str(artifact_dir),
+            "--policy", str(REPO / "policies" / "paper.yaml"), "--harmful", str(tmp_path / "h.txt"),
+            "--benign", str(tmp_path / "b.txt"), "--methods", "no_defense,ras", "--max-new-tokens", "6",
+            "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["methods"]) == {"no_defense", "ras"}
+    assert report["methods"]["ras"]["auroc"] is not None
+    assert vllm.server.process.poll() is None  # the remote shape leaves the engine running
+
+
 def test_top_k_risk_pass_is_within_its_certified_bound(vllm, hf):
     """risk_top_logprobs=K: the top K per step with the tail mass spread evenly; a row whose bound
     on the similarity exceeds the tolerance is asked again for the full vocabulary. Against

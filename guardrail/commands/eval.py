@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from guardrail.commands.common import add_model, add_progress, show_progress
+from guardrail.commands.common import add_backend, add_model, add_progress, show_progress
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,6 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--judge", default=None, help="refusal judge, by plugin name (default: the one a plugin declares default; built in: the rule-based `rules`)")
     p.add_argument("--out", required=True, type=Path, help="folder for the report, per-method results and plots")
     p.add_argument("--device", default=None, help="torch device (default: the model loader's choice, CPU here)")
+    add_backend(p)
     add_progress(p)
     p.set_defaults(func=run)
 
@@ -44,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         model=args.model, artifacts=args.artifacts, policy=args.policy, out=args.out, harmful=args.harmful,
         benign=args.benign, edgy=args.edgy, matched=args.matched, methods=args.methods, limit=args.limit,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, judge=args.judge, device=args.device,
-        progress=show_progress(args),
+        progress=show_progress(args), backend=args.backend, vllm_url=args.vllm_url,
     )
     run_eval(cfg)
     return 0

@@ -41,6 +41,8 @@ class EvalConfig:
     device: str | None = None
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
+    backend: str = "transformers"  # or "vllm": a managed `vllm serve`, or the one at vllm_url
+    vllm_url: str | None = None
 
 
 def load_items(cfg: EvalConfig) -> list[EvalItem]:
@@ -67,25 +69,47 @@ def machine() -> str:
 
 def run_eval(cfg: EvalConfig, adapter: Any = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every method and write report.json, details.json, answers.jsonl, report.md and plots to
-    cfg.out. Returns report.json's content. `adapter` reuses an already loaded model."""
-    from tqdm.auto import tqdm
-
+    cfg.out. Returns report.json's content. `adapter` reuses an already loaded model (transformers)."""
     from guardrail.method.artifacts import load_artifacts
     from guardrail.models import load_model
-    from guardrail.pipeline import Guardrail
     from guardrail.plugin.manager import PluginManager
     from guardrail.policy import load_policy
     from guardrail.engine.transformers import TransformersBackend
 
     items = load_items(cfg)
     base_policy = load_policy(cfg.policy)
-    adapter = adapter or load_model(cfg.model, device=cfg.device)
-    art = load_artifacts(cfg.artifacts, adapter.fingerprint())
-    engine = TransformersBackend(adapter, art, batch_size=cfg.batch_size)
     plugins = PluginManager()
+    if cfg.backend == "vllm":
+        from guardrail.engine.vllm import build
+
+        engine: Any = build(cfg.model, cfg.artifacts, url=cfg.vllm_url)
+        adapter, art = engine.adapter, engine.artifacts
+    elif cfg.backend == "transformers":
+        adapter = adapter or load_model(cfg.model, device=cfg.device)
+        art = load_artifacts(cfg.artifacts, adapter.fingerprint())
+        engine = TransformersBackend(adapter, art, batch_size=cfg.batch_size)
+    else:
+        raise InputError(f"unknown backend {cfg.backend!r} (transformers or vllm)")
+    try:
+        return _run(cfg, items, base_policy, plugins, engine, adapter, art, log)
+    finally:
+        close = getattr(engine, "close", None)
+        if close is not None:
+            close()  # a managed vLLM server stops with the evaluation
+
+
+def _run(cfg: EvalConfig, items: list[EvalItem], base_policy: Any, plugins: Any, engine: Any, adapter: Any, art: Any,
+         log: Callable[[str], None]) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    from guardrail.pipeline import Guardrail
+
     known = plugins.known_stages()["risk_assessors"]
     baselines = methods_mod.load_baselines(plugins)
-    method_text = cfg.methods or methods_mod.default_methods(base_policy, art.blocks(), known, baselines)
+    # By default every calibrated assessor is compared, except those this backend cannot serve
+    # (vLLM gives no layer states): their policies would be refused when the guard loads.
+    servable = methods_mod.servable_assessors(engine, plugins, [a for a in art.blocks() if a in known])
+    method_text = cfg.methods or methods_mod.default_methods(base_policy, servable, known, baselines)
     methods = methods_mod.parse_methods(method_text, baselines)
     judge_name = cfg.judge or plugins.default_stage("judges")
     judge = load_judge(judge_name, plugins)

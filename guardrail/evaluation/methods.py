@@ -90,6 +90,28 @@ def default_methods(policy: Policy, calibrated: Sequence[str], known: set[str], 
     return ",".join(names)
 
 
+def servable_assessors(engine: Any, plugins: Any, names: Sequence[str]) -> list[str]:
+    """The calibrated assessors among `names` whose risk-pass needs the engine can give (a backend
+    declares `risk_inputs`; undeclared = everything), checked as a policy load checks them."""
+    from guardrail.pipeline.caption_cache import CaptionCache
+    from guardrail.pipeline.runtime import lacking_inputs
+    from guardrail.plugin.protocols import StageEnv
+
+    inputs = getattr(engine, "risk_inputs", None)
+    if inputs is None:
+        return list(names)
+    env = StageEnv(engine=engine, captions=CaptionCache(1), plugins=plugins)
+    out = []
+    for name in names:
+        assessor = plugins.create("risk_assessors", name)
+        check = getattr(assessor, "check", None)
+        if check is not None:
+            check(env, None)
+        if not lacking_inputs(assessor.needs(env), inputs):
+            out.append(name)
+    return out
+
+
 def _band_tokens(policy: Policy) -> int:
     steered = [b.tokens for b in policy.bands if b.action == "steer" and b.strength != 0.0]
     return max(steered, default=3)

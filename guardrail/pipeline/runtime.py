@@ -104,6 +104,13 @@ def _conforming(kind: str, name: str, stage: Any) -> Any:
     return stage
 
 
+
+def lacking_inputs(need: Any, inputs: Any) -> list[str]:
+    """The risk-pass outputs an assessor's needs ask for that a backend's `risk_inputs` lacks."""
+    wants = (("layer_states", need.layers), ("pooled_states", need.pooled), ("step_logits", need.steps),
+             ("readouts", need.readouts))
+    return [name for name, wanted in wants if wanted and name not in inputs]
+
 def build(policy: Policy, env: StageEnv) -> PolicyRuntime:
     plugins = env.plugins
     try:
@@ -140,9 +147,7 @@ def build(policy: Policy, env: StageEnv) -> PolicyRuntime:
     if inputs is not None:
         for spec, assessor in runtime.assessors:
             need = assessor.needs(env)
-            wants = (("layer_states", need.layers), ("pooled_states", need.pooled), ("step_logits", need.steps),
-                     ("readouts", need.readouts))
-            lacking = [n for n, wanted in wants if wanted and n not in inputs]
+            lacking = lacking_inputs(need, inputs)
             if lacking:
                 raise PolicyError([("risk", 1, f"assessor {spec.use!r} needs {', '.join(lacking)}, which the "
                                                f"{type(env.engine).__name__} backend cannot give (it gives: "
