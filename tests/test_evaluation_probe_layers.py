@@ -51,7 +51,7 @@ def test_assessor_reads_the_layers_side_by_side(span_artifact, tmp_path):
     adapter = tiny_adapter("llama")
     art = load_artifacts(span_artifact, adapter.fingerprint())
     policy = tmp_path / "p.yaml"
-    policy.write_text((REPO / "policies" / "default.yaml").read_text())
+    policy.write_text((REPO / "policies" / "default.yaml").read_text().replace("use: pooled_probe", "use: linear_probe"))
     guard = Guardrail(TransformersBackend(adapter, art), policy)
     try:
         results = guard.assess_batch([Request(p) for p in PROMPTS])

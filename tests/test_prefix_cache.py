@@ -208,7 +208,15 @@ def test_store_byte_budget_evicts_least_recently_used():
         assert store.get(("b",)) is None and store.get(("a",)) is not None and store.get(("c",)) is not None
 
 
-def test_guardrail_batch_reuses_the_prefix_and_answers_identically(art_root, policies_dir):
+@pytest.mark.parametrize("image_tenants, vision_calls", [
+    (("paper-repro", "paper-repro"), 1),  # last-token / step-logit risk: caption, risk, answer share
+    (("paper-repro", "research-lab"), 2),  # a pooled_probe policy's risk pass runs the whole prompt
+])
+def test_guardrail_batch_reuses_the_prefix_and_answers_identically(art_root, policies_dir, image_tenants, vision_calls):
+    """One image in a batch is encoded once for caption, risk and answer, and the answers are the
+    unshared path's. A policy whose assessor reads states pooled over the whole risk prompt
+    (`research-lab`: permissive, which extends the pooled_probe default) needs those positions
+    computed, so its risk pass encodes the image once more; nothing else changes."""
     from guardrail.pipeline import Guardrail
     from guardrail.types import Request
 
@@ -218,8 +226,8 @@ def test_guardrail_batch_reuses_the_prefix_and_answers_identically(art_root, pol
     plain_engine.share_prefixes = False
     image = png_bytes(red_image((40, 30), "green"))
     requests = [
-        Request("What is in the image?", images=(image,), tenant="paper-repro", max_new_tokens=8, request_id="a"),
-        Request("Summarise it.", images=(image,), tenant="research-lab", max_new_tokens=8, request_id="b"),
+        Request("What is in the image?", images=(image,), tenant=image_tenants[0], max_new_tokens=8, request_id="a"),
+        Request("Summarise it.", images=(image,), tenant=image_tenants[1], max_new_tokens=8, request_id="b"),
         Request("No picture here.", tenant="acme-kids", max_new_tokens=8, request_id="c"),
     ]
     results = {}
@@ -236,7 +244,7 @@ def test_guardrail_batch_reuses_the_prefix_and_answers_identically(art_root, pol
         assert (a.token_ids, a.action, a.visual_context) == (b.token_ids, b.action, b.visual_context)
         assert a.risk == pytest.approx(b.risk, abs=1e-5)
     assert shared_engine.prefixes.hits >= 2 and plain_engine.prefixes.hits == 0
-    assert results["shared_vision"] == 1  # one image, encoded once for caption, risk and answer
+    assert results["shared_vision"] == vision_calls
     assert results["plain_vision"] >= 3
 
 

@@ -103,8 +103,13 @@ def assess(ctxs: list[RequestContext], env: Any, runner: StageRunner) -> None:
 
         return commit
 
-    if live:
-        runner.run("assess", live, run)
+    # A risk pass with pooled states runs over the whole prompt (no shared image prefix): rows
+    # whose policies need none get a pass of their own, so theirs keep sharing.
+    def pooled(ctx: RequestContext) -> bool:
+        return any(a.needs(env).pooled for _, a in ctx.runtime.assessors)
+
+    for group in _grouped(live, pooled):
+        runner.run("assess", group, run)
 
 
 def _plan(controller: Any, strength: float, tokens: int, supported: frozenset[type]) -> SteeringPlan:
