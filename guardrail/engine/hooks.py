@@ -13,7 +13,7 @@ position for n = 1, then one decode step each. We count forward passes, which ho
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -192,24 +192,21 @@ class PooledCapture:
 
 
 @contextlib.contextmanager
-def capture_pooled(modules: dict[object, nn.Module], mask: torch.Tensor) -> Iterator[PooledCapture]:
+def _hooked(modules: dict[object, nn.Module], capture: Any) -> Iterator[Any]:
+    """`capture.hook_for(key)` on each module for the duration of the block, removed on exit."""
+    handles = [module.register_forward_hook(capture.hook_for(key)) for key, module in modules.items()]
+    try:
+        yield capture
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def capture_pooled(modules: dict[object, nn.Module], mask: torch.Tensor) -> contextlib.AbstractContextManager[PooledCapture]:
     """Capture `modules`' prefill outputs mean-pooled over the prompt tokens `mask` keeps."""
-    capture = PooledCapture(mask)
-    handles = [module.register_forward_hook(capture.hook_for(key)) for key, module in modules.items()]
-    try:
-        yield capture
-    finally:
-        for handle in handles:
-            handle.remove()
+    return _hooked(modules, PooledCapture(mask))
 
 
-@contextlib.contextmanager
-def capture_states(modules: dict[object, nn.Module], calls: int = 1) -> Iterator[StateCapture]:
+def capture_states(modules: dict[object, nn.Module], calls: int = 1) -> contextlib.AbstractContextManager[StateCapture]:
     """Capture last-position outputs of `modules` (key -> module) during the first `calls` forwards."""
-    capture = StateCapture(calls)
-    handles = [module.register_forward_hook(capture.hook_for(key)) for key, module in modules.items()]
-    try:
-        yield capture
-    finally:
-        for handle in handles:
-            handle.remove()
+    return _hooked(modules, StateCapture(calls))
