@@ -105,10 +105,10 @@ def assess(ctxs: list[RequestContext], env: Any, runner: StageRunner) -> None:
 
     # A risk pass with pooled states runs over the whole prompt (no shared image prefix): rows
     # whose policies need none get a pass of their own, so theirs keep sharing.
-    def pooled(ctx: RequestContext) -> bool:
+    def needs_pooled(ctx: RequestContext) -> bool:
         return any(a.needs(env).pooled for _, a in ctx.runtime.assessors)
 
-    for group in _grouped(live, pooled):
+    for group in _grouped(live, needs_pooled):
         runner.run("assess", group, run)
 
 
