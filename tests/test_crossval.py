@@ -181,15 +181,21 @@ def test_frontier_edges_flag_at_most_the_target_share_of_benign_rows():
     assert points[0]["edgy_refusal"] is None
 
 
-def test_plugin_assessor_fits_the_registered_calibrator_on_the_fold_rows(tmp_path):
+def _tiny_engine_and_two_sources():
+    """A tiny llama backend and 24 alternating harmful/benign text rows from sources a and b."""
     from guardrail.engine.transformers import TransformersBackend
     from guardrail.models import load_model
 
     engine = TransformersBackend(load_model("tiny-random:llama"))
-    n_layers, hidden = engine.adapter.num_layers, engine.adapter.hidden_size
-    g = torch.Generator().manual_seed(1)
     rows = [{"id": f"{s}/{i}", "prompt": f"p{i}", "label": "harmful" if i % 2 else "benign", "source": s,
              "category": None, "format": "question", "modality": "text"} for s in ("a", "b") for i in range(12)]
+    return engine, rows
+
+
+def test_plugin_assessor_fits_the_registered_calibrator_on_the_fold_rows(tmp_path):
+    engine, rows = _tiny_engine_and_two_sources()
+    n_layers, hidden = engine.adapter.num_layers, engine.adapter.hidden_size
+    g = torch.Generator().manual_seed(1)
     states = torch.randn(len(rows), n_layers, hidden, generator=g)
     states[1::2] += 1.0
     t = cv.Table(rows, states.half(), torch.zeros(len(rows), 3, 4, dtype=torch.int32), torch.zeros(len(rows), 3, 4))
@@ -209,15 +215,11 @@ def test_plugin_assessor_fits_the_registered_calibrator_on_the_fold_rows(tmp_pat
 def test_plugin_assessor_on_pooled_states_reads_the_pooled_table(tmp_path):
     """plugin:pooled_probe fits on the table's pooled states (here the only ones that separate the
     classes) and a table gathered without them is refused with a message saying to regather."""
-    from guardrail.engine.transformers import TransformersBackend
-    from guardrail.models import load_model
     from guardrail.plugin.manager import PluginManager
 
-    engine = TransformersBackend(load_model("tiny-random:llama"))
+    engine, rows = _tiny_engine_and_two_sources()
     n_layers, hidden = engine.adapter.num_layers, engine.adapter.hidden_size
     g = torch.Generator().manual_seed(2)
-    rows = [{"id": f"{s}/{i}", "prompt": f"p{i}", "label": "harmful" if i % 2 else "benign", "source": s,
-             "category": None, "format": "question", "modality": "text"} for s in ("a", "b") for i in range(12)]
     last = torch.randn(len(rows), n_layers, hidden, generator=g)
     pooled = torch.randn(len(rows), n_layers, hidden, generator=g)
     pooled[1::2] += 1.0
