@@ -1,5 +1,6 @@
-"""The calibrated `pooled_probe` assessor: states averaged over the risk prompt, its block, its score
-equal to the logistic formula, a wrong-size block refused, a backend without pooled states refused
+"""The calibrated `pooled_probe` assessor: states averaged over the risk prompt, its block (v2: each
+layer's average centred on the text rows' mean and scaled to unit length), its score equal to the
+logistic formula, a v1 block still scored on raw averages, a wrong-size or unknown block refused, a backend without pooled states refused
 at load, and the pipeline asking the backend for pooled states only when an assessor needs them."""
 
 from __future__ import annotations
@@ -50,8 +51,10 @@ def test_the_block_and_the_score_are_the_probe_on_pooled_states(fitted):
     backend, art, _ = fitted
     block = art.block("pooled_probe")
     layers = block.meta["layers"]
-    assert layers and block.meta["pool"] == "mean"
-    assert block.tensor("weight").shape == (len(layers) * backend.adapter.hidden_size,)
+    hidden = backend.adapter.hidden_size
+    assert layers and block.meta["pool"] == "mean" and block.meta["features"] == "direction" and block.version == 2
+    assert block.tensor("weight").shape == (len(layers) * hidden,)
+    assert block.tensor("centre").shape == (len(layers), hidden)
     env = _env(backend, art)
     assessor = env.plugins.create("risk_assessors", "pooled_probe")
     assessor.check(env, None)
@@ -60,7 +63,9 @@ def test_the_block_and_the_score_are_the_probe_on_pooled_states(fitted):
     rows = [ChatRow(risk_query("How do I bake bread?")), ChatRow(risk_query("How do I build a bomb?"))]
     rp = backend.risk_pass(rows, 0, [], pooled=sorted(need.pooled))
     scores = assessor.score(rp, [None, None], env)
-    x = torch.cat([rp.pooled[l] for l in layers], dim=-1)
+    centred = [rp.pooled[l] - block.tensor("centre")[i] for i, l in enumerate(layers)]
+    x = torch.cat([c / c.norm(dim=-1, keepdim=True) for c in centred], dim=-1)
+    assert x.reshape(2, len(layers), hidden).norm(dim=-1) == pytest.approx(torch.ones(2, len(layers)))
     raw = ((x - block.tensor("mean")) / block.tensor("scale")) @ block.tensor("weight") + block.tensor("bias")
     assert [s.raw for s in scores] == pytest.approx(raw.tolist(), rel=1e-4, abs=1e-4)
     s_base, alpha = block.meta["s_base"], block.meta["alpha"]
@@ -71,14 +76,48 @@ def test_the_block_and_the_score_are_the_probe_on_pooled_states(fitted):
     assert not torch.allclose(last[layers[0]], rp.pooled[layers[0]])
 
 
-def test_a_wrong_size_block_is_refused_naming_the_tensor(fitted):
-    backend, art, _ = fitted
+def test_the_centre_is_the_mean_of_the_text_rows_only(fitted):
+    from guardrail.calibration import CalibrationRow, GatheredStates
+    from guardrail_plugins.risk.pooled_probe import text_centre
+
+    rows = (CalibrationRow("a", True), CalibrationRow("b", False), CalibrationRow("c", False, format="typographic"))
+    pooled = {3: torch.tensor([[1.0, 0.0], [3.0, 2.0], [100.0, 100.0]])}
+    data = GatheredStates(rows=rows, step_logits=None, states={}, pooled=pooled)
+    assert text_centre(data, [3]).tolist() == [[2.0, 1.0]]
+    typographic_only = GatheredStates(rows=rows[2:], step_logits=None, states={}, pooled={3: pooled[3][2:]})
+    assert text_centre(typographic_only, [3]).tolist() == [[100.0, 100.0]]
+
+
+def _with_block(art, version, **tensors):
     good = art.block("pooled_probe")
-    tensors = dict(good.tensors, weight=torch.zeros(3))
-    bad = Artifacts.from_blocks(art.meta, {"pooled_probe": Block(1, dict(good.meta), tensors, {k: (None,) for k in tensors})})
-    env = _env(backend, bad)
-    with pytest.raises(ArtifactError, match="pooled_probe/weight"):
+    t = {k: v for k, v in dict(good.tensors, **tensors).items() if v is not None}
+    return Artifacts.from_blocks(art.meta, {"pooled_probe": Block(version, dict(good.meta), t, {k: (None,) * v.dim() for k, v in t.items()})})
+
+
+@pytest.mark.parametrize("tensor, shape", [("weight", (3,)), ("centre", (1, 3))])
+def test_a_wrong_size_block_is_refused_naming_the_tensor(fitted, tensor, shape):
+    backend, art, _ = fitted
+    env = _env(backend, _with_block(art, 2, **{tensor: torch.zeros(shape)}))
+    with pytest.raises(ArtifactError, match=f"pooled_probe/{tensor}"):
         env.plugins.create("risk_assessors", "pooled_probe").check(env, None)
+
+
+def test_an_unknown_block_version_is_refused_and_v1_scores_raw_averages(fitted):
+    backend, art, _ = fitted
+    env = _env(backend, _with_block(art, 3))
+    with pytest.raises(ArtifactError, match="version 3"):
+        env.plugins.create("risk_assessors", "pooled_probe").check(env, None)
+    # a block written before v2 has no centre: its probe reads the averages as they are
+    v1 = _with_block(art, 1, centre=None)
+    env = _env(backend, v1)
+    assessor = env.plugins.create("risk_assessors", "pooled_probe")
+    assessor.check(env, None)
+    block, layers = v1.block("pooled_probe"), v1.block("pooled_probe").meta["layers"]
+    rp = backend.risk_pass([ChatRow(risk_query("How do I bake bread?"))], 0, [], pooled=layers)
+    x = torch.cat([rp.pooled[l] for l in layers], dim=-1)
+    raw = ((x - block.tensor("mean")) / block.tensor("scale")) @ block.tensor("weight") + block.tensor("bias")
+    assert assessor.score(rp, [None], env)[0].raw == pytest.approx(float(raw[0]), rel=1e-4, abs=1e-4)
+    backend.artifacts = art
 
 
 def test_the_guard_scores_with_pooled_states_end_to_end(fitted, tmp_path):

@@ -5,18 +5,28 @@ reads the same layers (every other layer from 40 % to 80 % of the depth) average
 of the query (the backend's `pooled` risk-pass input: padding left out, image tokens included).
 The last token sees the request only through attention and is dominated by how the prompt ends
 (its length, its phrasing, a format constraint); the average keeps what each token of the request
-says. Statistic: the probe's logit; risk = σ(α (t − S_base)) as for the other hidden-state
-assessors (S_base = calibration mean, the harmful mean maps to 0.99).
+says. Each layer's average is centred on the calibration's mean text prompt and scaled to unit length
+before the probe reads it: what the probe sees is the *direction* in which a request moves the
+average away from a typical prompt, not how far. The average mixes the request's tokens with the
+fixed safety prompt around them, so a short request moves it less than a long one saying the
+same; without the scaling the probe partly reads length, which differs by source (and by input
+format: the visual context of a typographic image adds its own tokens). Statistic: the probe's
+logit; risk = σ(α (t − S_base)) as for the other hidden-state assessors (S_base = calibration
+mean, the harmful mean maps to 0.99).
 
 Why it ships (docs/results/crossval/): leave one source out over thirteen calibration sources on
-SmolLM2-135M it ranks held-out requests best of every assessor compared, text and typographic.
+SmolLM2-135M it ranks held-out requests best of every assessor compared, text and typographic
+(calibrated on both formats: AUROC 0.973 text, 0.979 typographic; 0.967 / 0.963 for block v1's
+unscaled averages; the scaling was chosen on those same folds).
 
 Needs the backend's pooled states: on a backend that cannot give them (vLLM) a policy using it is
 refused when it loads. The pass runs over the whole prompt, so an image prefix shared with the
 caption pass is recomputed for the risk pass.
 
-Block `pooled_probe` v1: tensors `weight`, `mean`, `scale` [k·d], `bias` [1]; meta: `layers`,
-s_base, s_ref, alpha, `calibration_auroc` (in sample).
+Block `pooled_probe` v2: tensors `centre` [k, d], `weight`, `mean`, `scale` [k·d], `bias` [1];
+meta: `layers`, `features: "direction"`, s_base, s_ref, alpha, `calibration_auroc` (in sample).
+Block v1 (before 2026-12-02, no `centre`: the probe read the raw averages) still loads and scores
+as it was fitted.
 """
 
 from __future__ import annotations
@@ -42,17 +52,34 @@ else:  # the plugin registers without torch; a stage imports it when it first co
 NAME = "pooled_probe"
 
 
-def pooled_features(pooled: dict[int, Any], layers: Sequence[int]) -> torch.Tensor:
-    """The chosen layers' pooled states side by side, [n, len(layers)·d] float32."""
+def pooled_features(pooled: dict[int, Any], layers: Sequence[int], centre: torch.Tensor | None = None) -> torch.Tensor:
+    """The chosen layers' pooled states side by side, [n, len(layers)·d] float32; with `centre`
+    ([len(layers), d]) each layer's state minus its centre, scaled to unit length (block v2)."""
     missing = [l for l in layers if l not in pooled]
     if missing:
         raise ArtifactError(f"assessor {NAME}: the risk pass gave no pooled states for layers {missing}")
-    return torch.cat([torch.as_tensor(pooled[l], dtype=torch.float32) for l in layers], dim=-1)
+    per_layer = [torch.as_tensor(pooled[l], dtype=torch.float32) for l in layers]
+    if centre is not None:
+        per_layer = [direction(x - c) for x, c in zip(per_layer, centre.float())]
+    return torch.cat(per_layer, dim=-1)
+
+
+def direction(x: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit length (a zero row stays zero)."""
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def text_centre(data: Any, layers: Sequence[int]) -> torch.Tensor:
+    """[len(layers), d]: the mean pooled state of the calibration's text rows (of every row when
+    there are none), harmful and benign alike."""
+    text = torch.tensor([getattr(r, "format", "text") == "text" for r in data.rows], dtype=torch.bool)
+    pick = text if bool(text.any()) else torch.ones_like(text)
+    return torch.stack([torch.as_tensor(data.pooled[l], dtype=torch.float32)[pick].mean(0) for l in layers])
 
 
 class PooledProbeCalibrator:
     name = NAME
-    version = 1
+    version = 2
     requires: tuple[str, ...] = ()
 
     def needs(self, ctx: Any) -> RiskNeeds:
@@ -60,26 +87,46 @@ class PooledProbeCalibrator:
 
     def fit(self, data: Any, ctx: Any) -> Block:
         labels, layers = data.labels, probe_span(ctx.num_layers)
-        x = pooled_features(data.pooled, layers)
+        centre = text_centre(data, layers)
+        x = pooled_features(data.pooled, layers, centre)
         # One fit, no layer search: the span is fixed, so nothing needs cross-validating here (the
         # calibration's held-out folds and `guardrail crossval` measure it on rows it never saw).
         probe = fit_logistic(x[labels], x[~labels])
         meta = sigmoid_meta(probe.logit(x), labels, layers[0], {layers[0]: float("nan")})
         meta = {k: v for k, v in meta.items() if k not in ("layer", "cv_auroc", "cv_auroc_by_layer")}
-        meta.update(layers=layers, pool="mean")
-        tensors = {"weight": probe.weight, "bias": probe.bias.reshape(1), "mean": probe.mean, "scale": probe.scale}
-        return Block(self.version, meta, tensors, {k: (None,) for k in tensors})
+        meta.update(layers=layers, pool="mean", features="direction")
+        tensors = {"centre": centre, "weight": probe.weight, "bias": probe.bias.reshape(1), "mean": probe.mean,
+                   "scale": probe.scale}
+        dims = {k: (None,) for k in tensors} | {"centre": (None, "hidden")}  # the loader checks hidden_size
+        return Block(self.version, meta, tensors, dims)
+
+
+def block_centre(view: Any, layers: Sequence[int], hidden: int) -> torch.Tensor | None:
+    """Block v2's `centre` checked against the model; None for a v1 block (raw averages)."""
+    if view.version == 1:
+        return None
+    if view.version != 2:
+        raise ArtifactError(f"artifact block {NAME!r} is version {view.version}; this assessor reads versions 1 "
+                            f"and 2 (recalibrate, or upgrade guardrail)")
+    centre = view.tensor("centre")
+    if tuple(centre.shape) != (len(layers), hidden):
+        raise ArtifactError(f"artifact tensor '{NAME}/centre' has shape {list(centre.shape)}, the model needs "
+                            f"{[len(layers), hidden]} ({len(layers)} layers × hidden {hidden})")
+    return centre
 
 
 class PooledProbeAssessor:
     def __init__(self) -> None:
         self.params: ProbeParams | None = None
+        self.centre: torch.Tensor | None = None
 
     def check(self, env: Any, policy: Any) -> None:
         hidden = env.engine.fingerprint()["hidden_size"]
-        params = ProbeParams.of(require_block(env, NAME, f"assessor {NAME}"), hidden)
+        view = require_block(env, NAME, f"assessor {NAME}")
+        params = ProbeParams.of(view, hidden)
+        centre = block_centre(view, params.layers, hidden)
         _check_layers(NAME, params.layers, env)
-        self.params = params
+        self.params, self.centre = params, centre
 
     def _bound(self) -> ProbeParams:
         if self.params is None:
@@ -91,6 +138,6 @@ class PooledProbeAssessor:
 
     def score(self, risk_pass: Any, contexts: Sequence[Any], env: Any) -> list[Score]:
         p = self._bound()
-        t = p.probe.logit(pooled_features(risk_pass.pooled, p.layers))
+        t = p.probe.logit(pooled_features(risk_pass.pooled, p.layers, self.centre))
         return [Score(risk=float(r), raw=float(x)) for r, x in zip(p.sigmoid.risk(t), t)]
 
