@@ -269,7 +269,10 @@ def calibrate_rows(
     cfg: CalibrationConfig | None = None,
     out: str | Path | None = None,
     plugins: "PluginManager | None" = None,
+    keep: dict[str, Block] | None = None,
 ) -> Artifacts:
+    """Calibrate on `rows`; blocks in `keep` (e.g. prototypes made from another artifact's rows)
+    are carried into the artifact as they are and not fitted again, held-out folds included."""
     from guardrail import __version__
     from guardrail.plugin.manager import PluginManager
 
@@ -278,10 +281,13 @@ def calibrate_rows(
         raise CalibrationError("steer_steps must be at least steps")
     plugins_loaded = (plugins or PluginManager()).load()
     calibrators = build_calibrators(plugins_loaded, cfg.calibrators)
+    stray = sorted(set(keep or {}) - set(calibrators))
+    if stray:
+        raise CalibrationError(f"blocks to keep {stray} belong to no calibrator of this run ({', '.join(sorted(calibrators))})")
     ctx = CalibrationContext(engine=backend, config=cfg)
     data = gather(backend, rows, gather_needs(calibrators, ctx), cfg.progress)
-    blocks = fit_blocks(calibrators, data, ctx)
-    held_out = held_out_benign(calibrators, blocks, data, ctx, plugins_loaded) if cfg.held_out_folds else None
+    blocks = fit_blocks(calibrators, data, ctx, keep)
+    held_out = held_out_benign(calibrators, blocks, data, ctx, plugins_loaded, keep) if cfg.held_out_folds else None
     harmful = [r.text for r in rows if r.harmful]
     benign = [r.text for r in rows if not r.harmful]
     meta: dict[str, Any] = {
@@ -295,6 +301,7 @@ def calibrate_rows(
                  "harmful_sha256": _hash_list(harmful), "benign_sha256": _hash_list(benign),
                  "sources": sorted({r.source for r in rows}), "formats": sorted({r.format for r in rows})},
         "warnings": list(ctx.warnings),
+        **({"kept_blocks": sorted(keep)} if keep else {}),
         **cfg.extra_meta,
     }
     if held_out is not None:
@@ -325,7 +332,8 @@ def held_out_folds(data: GatheredStates, k: int) -> tuple[str, list[list[int]]]:
 
 
 def held_out_benign(calibrators: dict[str, Any], blocks: dict[str, Block], data: GatheredStates,
-                    ctx: CalibrationContext, plugins: "PluginManager") -> dict[str, Any]:
+                    ctx: CalibrationContext, plugins: "PluginManager",
+                    kept: dict[str, Block] | None = None) -> dict[str, Any]:
     """Each assessor's risk for every benign row, from blocks fitted without that row's fold: the
     scores error-rate band edges are resolved from (per input format). Assessors are the risk
     stages named like a calibrator's block; a calibrator with `refit_per_fold = False` (the
@@ -336,7 +344,7 @@ def held_out_benign(calibrators: dict[str, Any], blocks: dict[str, Block], data:
 
     assessors = [n for n in calibrators if n in plugins.stages()["risk_assessors"]]
     split, folds = held_out_folds(data, ctx.config.held_out_folds)
-    keep = {n: b for n, b in blocks.items() if not getattr(calibrators[n], "refit_per_fold", True)}
+    keep = {n: b for n, b in blocks.items() if not getattr(calibrators[n], "refit_per_fold", True) or n in (kept or {})}
     risk: dict[str, dict[int, float]] = {n: {} for n in assessors}
     skipped: list[str] = []
     with progress(len(folds), "held-out benign risks", ctx.config.progress) as bar:

@@ -20,6 +20,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "text and typographic) instead of the packaged lists")
     p.add_argument("--sources", default=None, help="with --data: comma-separated sources (default: all prepared)")
     p.add_argument("--no-typographic", action="store_true", help="with --data: text rows only")
+    p.add_argument("--limit", type=int, default=None,
+                   help="with --data: at most N evenly spaced text rows per source and label (default: all)")
+    p.add_argument("--typo-limit", type=int, default=None,
+                   help="with --data: the same for typographic rows, each OCR'd once (default: all)")
     p.add_argument("--policy", type=Path, default=None,
                    help="with --data: the policy whose reformulator writes the typographic rows' visual context "
                         "(default: policies/default.yaml)")
@@ -55,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if args.data is not None:
-            rows = source_rows(backend, args.data, args.sources, not args.no_typographic, args.policy)
+            rows = source_rows(backend, args.data, args.sources, not args.no_typographic, args.policy,
+                               args.limit, args.typo_limit)
             art = calibrate_rows(backend, rows, cfg, out=args.out)
         else:
             art = calibrate(backend, harmful, benign, cfg, out=args.out)
@@ -64,28 +69,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def source_rows(backend, data: Path, sources: str | None, typographic: bool, policy_file: Path | None) -> list:
-    """Calibration rows from prepared sources: harmful rows, and benign and benign-but-sensitive
-    rows as benign, in each format; typographic rows carry the visual context the policy's
-    reformulator writes for their image (as a request would get it)."""
-    from guardrail.calibration import CalibrationRow
-    from guardrail.evaluation import crossval
-    from guardrail.pipeline.caption_cache import CaptionCache
-    from guardrail.plugin.manager import PluginManager
-    from guardrail.plugin.protocols import StageEnv
-    from guardrail.policy import load_policy
+def source_rows(backend, data: Path, sources: str | None, typographic: bool, policy_file: Path | None,
+                limit: int | None = None, typo_limit: int | None = None) -> list:
+    from guardrail.evaluation import source_rows as calibration_rows
 
     names = [s.strip() for s in sources.split(",") if s.strip()] if sources else None
-    rows = [CalibrationRow(r["prompt"], r["label"] == "harmful", r["source"], "text", r.get("category"))
-            for r in crossval.load_rows(data, names, "text")]
-    if typographic:
-        typo = crossval.load_rows(data, names, "typographic")
-        policy = load_policy(policy_file or Path(__file__).resolve().parents[2] / "policies" / "default.yaml")
-        env = StageEnv(engine=backend, captions=CaptionCache(), plugins=PluginManager().load())
-        _, contexts = crossval.risk_prompts(env, policy, typo)
-        rows += [CalibrationRow(r["prompt"], r["label"] == "harmful", r["source"], "typographic", r.get("category"),
-                                visual_context=vc) for r, vc in zip(typo, contexts)]
-    return rows
+    rows = calibration_rows.load(data, names, typographic, limit, typo_limit)
+    return calibration_rows.reformulate(backend, rows, policy_file)
 
 
 def _reraise(caught: list, shown: list[str]) -> None:

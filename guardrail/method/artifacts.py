@@ -111,6 +111,13 @@ class Artifacts:
         tensors = {k[len(prefix):]: v for k, v in self.tensors.items() if k.startswith(prefix)}
         return BlockView(name, int(entry["version"]), dict(entry.get("meta", {})), tensors)
 
+    def stored_block(self, name: str) -> Block:
+        """One block as its calibrator wrote it (tensors and model-bound axes), to carry it into
+        another artifact unchanged."""
+        view = self.block(name)
+        dims = self.meta["blocks"][name].get("dims", {})
+        return Block(view.version, view.meta, dict(view.tensors), {k: tuple(v) for k, v in dims.items()})
+
     @classmethod
     def from_blocks(cls, meta: dict[str, Any], blocks: dict[str, Block]) -> "Artifacts":
         """An in-memory artifact (what save_artifacts would write), e.g. for one cross-validation fold."""
