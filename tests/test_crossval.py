@@ -149,9 +149,11 @@ def test_command_writes_the_report_schema_and_reuses_its_cache(synthetic_data, t
     assert report["sources"]["gamma"]["auroc"] is not None  # ... scored against the pooled benign rows
     assert report["sources"]["beta"]["edgy_refusal"] is None
     assert {"asr", "benign_refusal", "edgy_refusal", "auroc", "n"} <= set(report["pooled"])
-    # the policy's own assessor joins, run through its registered calibrator
-    assert set(report["assessors"]) == {"probe", "mahalanobis+recentre", "knn", "layer_ensemble", "plugin:pooled_probe"}
+    # the policy's own assessor joins, run through its registered calibrator on both formats (as
+    # the default calibration fits it; here the table holds text rows only)
+    assert set(report["assessors"]) == {"probe", "mahalanobis+recentre", "knn", "layer_ensemble", "plugin:pooled_probe+typo"}
     assert report["policy_assessor"] == "pooled_probe"
+    assert report["policy_risk_from"] == {"pooled_probe": "plugin:pooled_probe+typo"}
     assert "alpha / cat0" in report["categories"]
     for f in ("report.md", "risk_histograms_text.png", "roc.png", "rows.jsonl"):
         assert (out / f).is_file(), f

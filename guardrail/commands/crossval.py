@@ -24,9 +24,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=3, help="greedy steps of the risk pass (default: %(default)s)")
     p.add_argument("--gamma", type=float, default=0.3)
     p.add_argument("--device", default=None)
-    p.add_argument("--calibrate-typographic", action="store_true",
-                   help="the policy's assessors are calibrated on text and typographic rows, as `guardrail "
-                        "calibrate --typographic` does (default: text rows, as without it)")
+    p.add_argument("--calibrate-text-only", action="store_true",
+                   help="the policy's assessors are calibrated on text rows only, as `guardrail calibrate` on "
+                        "prompt lists (default: text and typographic rows, as the default calibration and "
+                        "`guardrail calibrate --data` fit them)")
     p.add_argument("--policy-risk", default=None, metavar="ASSESSOR",
                    help="score the policy's (single) assessor with this compared assessor instead, e.g. an "
                         "experiment shown to reproduce its plugin at a fraction of the cost (nested edges refit it "
@@ -65,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     unknown = [a for a in chosen if a not in known]
     if unknown:
         raise cv.CrossvalError(f"unknown assessor(s) {', '.join(unknown)}; choose from {', '.join(known)}")
-    keys = cv.policy_keys(policy, args.calibrate_typographic)
+    keys = cv.policy_keys(policy, not args.calibrate_text_only)
     if args.policy_risk:
         if len(keys) != 1 or args.policy_risk not in known:
             raise cv.CrossvalError(f"--policy-risk needs a policy with one assessor and a compared assessor "

@@ -370,14 +370,15 @@ def available(plugins: Any) -> dict[str, Assessor]:
     stages = plugins.known_stages()
     calibrated = sorted(stages.get("risk_assessors", set()) & stages.get("calibrators", set()))
     out = {f"plugin:{n}": plugin_assessor(n) for n in calibrated}
-    # the same, calibrated on both formats (`guardrail calibrate --typographic`)
+    # the same, calibrated on both formats (the default calibration, `guardrail calibrate --data`)
     out |= {f"plugin:{n}+typo": plugin_assessor(n, MODALITIES) for n in calibrated}
     return {**out, **EXPERIMENTS}
 
 
 def policy_key(use: str, typographic: bool = False) -> str:
     """The compared assessor that is the policy's assessor `use`: its plugin, calibrated per fold
-    on text rows, or on both formats (`typographic`, as `guardrail calibrate --typographic`)."""
+    on text rows, or on both formats (`typographic`, as the default calibration and `guardrail
+    calibrate --data` fit it)."""
     return f"plugin:{use}" + ("+typo" if typographic else "")
 
 
