@@ -93,3 +93,23 @@ def test_missing_sources_are_prepared_and_a_failure_says_so(quick_lists, tmp_pat
         warnings.simplefilter("ignore")
         cached.ensure_artifacts(tiny_adapter("llama"), progress=False, log=lambda m: None, data=tmp_path / "empty")
     assert calls == [tmp_path / "empty"]
+
+
+def test_calibrate_default_writes_the_demo_calibration(quick_lists, tmp_path, capsys):
+    from guardrail.cli import main
+
+    home = tmp_path / "data"
+    _prepare(home, source_rows.default_sources(), typographic=())
+    out = tmp_path / "art"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["calibrate", "--model", "tiny-random:llama", "--default", "--data", str(home), "--out", str(out),
+                     "--no-progress"]) == 0
+    meta = json.loads((out / "artifacts.json").read_text())
+    assert meta["default_calibration"]["sources"] == source_rows.default_sources()
+    assert meta["kept_blocks"] == ["prototypes"]
+    assert "pooled_probe (v2)" in capsys.readouterr().out
+    # options that would make it another calibration are refused, naming them
+    assert main(["calibrate", "--model", "tiny-random:llama", "--default", "--sources", "advbench",
+                 "--out", str(out)]) != 0
+    assert "--sources" in capsys.readouterr().err

@@ -18,6 +18,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", type=Path, default=None,
                    help="calibrate on the sources of a `guardrail data` folder (every source, harmful and benign, "
                         "text and typographic) instead of the packaged lists")
+    p.add_argument("--default", action="store_true",
+                   help="write the default calibration (what `guardrail demo` uses: the packaged lists' "
+                        "prototypes, every other block fitted on the calibration sources except the evaluation "
+                        "ones, text and typographic; --data names the sources folder, prepared when missing) "
+                        "to --out; the other calibration options do not apply")
     p.add_argument("--sources", default=None, help="with --data: comma-separated sources (default: all prepared)")
     p.add_argument("--no-typographic", action="store_true", help="with --data: text rows only")
     p.add_argument("--limit", type=int, default=None,
@@ -48,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
     from guardrail.prompt_files import read_prompts
     from guardrail.engine.transformers import TransformersBackend
 
+    if args.default:
+        return write_default(args)
     harmful = read_prompts(args.harmful) if args.harmful else packaged_prompts("harmful")
     benign = read_prompts(args.benign) if args.benign else packaged_prompts("benign")
     backend = TransformersBackend(load_model(args.model, device=args.device), batch_size=args.batch_size)
@@ -66,6 +73,28 @@ def run(args: argparse.Namespace) -> int:
             art = calibrate(backend, harmful, benign, cfg, out=args.out)
     print(summary(art.meta, args.out))
     _reraise(caught, art.meta.get("warnings", []))
+    return 0
+
+
+def write_default(args: argparse.Namespace) -> int:
+    """The cached default calibration (built once), copied to --out."""
+    import shutil
+
+    from guardrail.errors import InputError
+    from guardrail.evaluation.cached import ensure_artifacts
+    from guardrail.models import load_model
+
+    chosen = [f"--{k.replace('_', '-')}" for k in ("harmful", "benign", "sources", "calibrators", "limit", "typo_limit")
+              if getattr(args, k) is not None] + (["--no-typographic"] if args.no_typographic else [])
+    if chosen:
+        raise InputError(f"--default calibrates as the demo does; it takes no {', '.join(chosen)}")
+    adapter = load_model(args.model, device=args.device)
+    folder, art = ensure_artifacts(adapter, progress=show_progress(args), data=args.data)
+    if args.out.resolve() != folder.resolve():
+        args.out.mkdir(parents=True, exist_ok=True)
+        for f in folder.iterdir():
+            shutil.copy2(f, args.out / f.name)
+    print(summary(art.meta, args.out))
     return 0
 
 
