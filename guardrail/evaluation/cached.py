@@ -5,7 +5,8 @@ The default calibration is two artifacts, the second built on the first:
 - **lists**: everything calibrated on the packaged lists (the project's own harmful and benign
   prompts). Its prototypes are the ones whose strength-1 steering was checked to make SmolLM2 say
   a complete refusal and stop (docs/RESULTS.md);
-- **sources** (the default): those prototypes carried over unchanged, and every other block
+- **sources** (the default): those prototypes (every block made by generating rather than fitted,
+  `generated_blocks`) carried over unchanged, and every other block
   (the risk assessors, their sigmoids, held-out benign risks per source and format) fitted on the
   calibration sources `guardrail data` prepares from package registries, text and typographic,
   except the two `guardrail eval` reports on (source_rows.EVALUATION_SOURCES). Leave-one-source-out
@@ -78,6 +79,19 @@ def ensure_list_artifacts(adapter: Any, progress: bool = True, log: Callable[[st
     return folder, load_artifacts(folder, adapter.fingerprint())
 
 
+def generated_blocks(lists: Any) -> dict[str, Any]:
+    """The lists artifact's blocks whose calibrator is not refitted per fold (`refit_per_fold =
+    False`: made by generating from the harmful rows, e.g. the refusal prototypes) - carried into
+    the multi-source artifact as they are: they were checked on the lists, and eliciting them again
+    from a thousand harmful rows of mixed style need not give the same complete refusal."""
+    from guardrail.calibration import build_calibrators
+    from guardrail.plugin.manager import PluginManager
+
+    calibrators = build_calibrators(PluginManager().load())
+    return {name: lists.stored_block(name) for name, cal in calibrators.items()
+            if not getattr(cal, "refit_per_fold", True) and lists.has(name)}
+
+
 def ensure_source_artifacts(adapter: Any, lists_folder: Path, lists: Any, progress: bool = True,
                             log: Callable[[str], None] = print, data: Path | None = None) -> tuple[Path, Any]:
     """The multi-source default calibration on top of the lists artifact (its prototypes kept)."""
@@ -102,7 +116,7 @@ def ensure_source_artifacts(adapter: Any, lists_folder: Path, lists: Any, progre
     cfg = CalibrationConfig(progress=progress,
                             extra_meta={"default_calibration": {"sources": names, "excluded": list(source_rows.EVALUATION_SOURCES),
                                                                 "typo_limit": source_rows.DEFAULT_TYPO_LIMIT,
-                                                                "prototypes_from": lists_folder.name}})
+                                                                "generated_blocks_from": lists_folder.name}})
     key = {"fingerprint": adapter.fingerprint(), "rows": source_rows.key(rows), "lists": lists_folder.name,
            "config": {k: v for k, v in asdict(cfg).items() if k != "progress"},
            "calibrators": installed_calibrators(), "version": __version__}
@@ -116,6 +130,6 @@ def ensure_source_artifacts(adapter: Any, lists_folder: Path, lists: Any, progre
     backend = TransformersBackend(adapter)
     log(f"calibrating {adapter.name} on {len(names)} sources, {len(rows)} rows, once (cached in {folder}) ...")
     crows = source_rows.reformulate(backend, rows)
-    keep = {"prototypes": lists.stored_block("prototypes")}
+    keep = generated_blocks(lists)
     calibrate_rows(backend, crows, cfg, out=folder, keep=keep)
     return folder, load_artifacts(folder, adapter.fingerprint())
