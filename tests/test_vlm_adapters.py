@@ -220,6 +220,29 @@ def test_image_tokens_option_sizes_the_grid() -> None:
         build("no_such_vlm")
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_smollm2_tokenizer_gives_real_lengths_and_the_same_mechanics(arch: str) -> None:
+    """tokenizer="smollm2" (what the image benchmarks build on): SmolLM2's own vocabulary plus the
+    family's special tokens; prompts as long as a real model's, images placed and batched alike."""
+    model, tok, proc = build(arch, tokenizer="smollm2")
+    adapter = ADAPTERS[arch](model, tok, proc)
+    assert len(tok) >= 49152 and model.get_input_embeddings().weight.shape[0] == len(tok)
+    text = "Describe everything you can see in this wide picture, in as much detail as you can manage."
+    bytes_tok = build(arch)[1]
+    assert len(tok(text)["input_ids"]) * 3 < len(bytes_tok(text)["input_ids"])
+    rows = _rows()
+    batch = adapter.encode(rows)
+    per_row = (batch["input_ids"] == model.config.image_token_id).sum(dim=1).tolist()
+    assert per_row[0] > 0 and per_row[1] == 0 and per_row[2] > 0
+    out = _generate(adapter, batch)
+    single = adapter.encode([rows[2]])
+    alone = _generate(adapter, single)
+    width = batch["input_ids"].shape[1]
+    assert out.sequences[2, width:].tolist() == alone.sequences[0, single["input_ids"].shape[1]:].tolist()
+    with pytest.raises(ModelError, match="tokenizer"):
+        build(arch, tokenizer="no_such_tokenizer")
+
+
 @pytest.mark.parametrize("arch", ["llava", "qwen2_5_vl", "smolvlm", "paligemma"])
 def test_load_local_round_trip(arch: str, tmp_path) -> None:
     original = load_model(f"tiny-random:{arch}")

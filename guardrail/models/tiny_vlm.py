@@ -11,7 +11,9 @@ Image-token counts are small by default so tests stay fast: 16 per image (Qwen-V
 count follows the image's aspect ratio as in the real processor; LLaVA-NeXT: a 2x2-token base tile
 plus its any-res grid, 16 to 24 tokens). Every builder takes an optional `image_tokens` keyword to
 size the image grid like the real checkpoints, e.g. `build("llava", image_tokens=576)` is the
-LLaVA-1.5 layout (336 px images, 14 px patches). `build_tiny` (tiny-random:ARCH) uses the defaults.
+LLaVA-1.5 layout (336 px images, 14 px patches). `build_tiny` (tiny-random:ARCH) uses the defaults. `tokenizer="smollm2"` builds the text side
+on SmolLM2's real tokenizer instead of the byte-level one, so prompts have a real model's length
+(the image benchmarks use it).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any, Callable
 import torch
 
 from guardrail.errors import ModelError
-from guardrail.models.tiny import byte_tokenizer
+from guardrail.models.tiny import tokenizer_for
 
 DEFAULT_IMAGE_TOKENS = 16
 PATCH = 14  # the vision towers' patch size, as in the real checkpoints
@@ -165,13 +167,13 @@ def _video_processor(class_name: str, **kwargs: Any) -> Any:
 
 
 # ----- LLaVA 1.5 ------------------------------------------------------------------------------------
-def _llava(seed: int, image_tokens: int | None = None) -> tuple[Any, Any, Any]:
+def _llava(seed: int, image_tokens: int | None = None, tokenizer: str = "bytes") -> tuple[Any, Any, Any]:
     from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
     from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
     side = _side(image_tokens)
     size = side * PATCH  # 16 tokens: 56 px; 576 tokens: 336 px as in llava-1.5
-    tok = byte_tokenizer(["<image>"], LLAVA_TEMPLATE)
+    tok = tokenizer_for(tokenizer, ["<image>"], LLAVA_TEMPLATE)
     image_processor = LlavaImageProcessorPil(
         size={"shortest_edge": size}, crop_size={"height": size, "width": size}
     )
@@ -196,7 +198,7 @@ def _llava(seed: int, image_tokens: int | None = None) -> tuple[Any, Any, Any]:
 
 
 # ----- LLaVA-NeXT (1.6) -----------------------------------------------------------------------------
-def _llava_next(seed: int, image_tokens: int | None = None) -> tuple[Any, Any, Any]:
+def _llava_next(seed: int, image_tokens: int | None = None, tokenizer: str = "bytes") -> tuple[Any, Any, Any]:
     """`image_tokens` sizes the base tile; any-res adds the unpadded high-res grid and a newline per
     row, so an image gets more tokens than that (up to about 6x for the default 2x2 grid)."""
     from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
@@ -205,7 +207,7 @@ def _llava_next(seed: int, image_tokens: int | None = None) -> tuple[Any, Any, A
     side = _side(image_tokens, default=4)  # 4 base tokens + up to 20 from the 2x2 grid by default
     size = side * PATCH
     pinpoints = [[size, 2 * size], [2 * size, size], [2 * size, 2 * size]]
-    tok = byte_tokenizer(["<image>"], LLAVA_NEXT_TEMPLATE)
+    tok = tokenizer_for(tokenizer, ["<image>"], LLAVA_NEXT_TEMPLATE)
     image_processor = LlavaNextImageProcessorPil(
         size={"shortest_edge": size},
         crop_size={"height": size, "width": size},
@@ -233,7 +235,7 @@ def _llava_next(seed: int, image_tokens: int | None = None) -> tuple[Any, Any, A
 
 
 # ----- Qwen2-VL and Qwen2.5-VL ----------------------------------------------------------------------
-def _qwen_parts(image_tokens: int | None) -> tuple[Any, Any, Any]:
+def _qwen_parts(image_tokens: int | None, tokenizer: str = "bytes") -> tuple[Any, Any, Any]:
     """Tokenizer, image processor and video processor shared by both Qwen-VL generations. Images are
     resized to a multiple of 28 px (14 px patches, 2x2 merge) with at most `image_tokens` merged
     tokens; a square image gets exactly `image_tokens`, others about as many, as in the real one."""
@@ -243,7 +245,7 @@ def _qwen_parts(image_tokens: int | None) -> tuple[Any, Any, Any]:
     if n < 1:
         raise ModelError(f"image_tokens must be positive, not {image_tokens!r}")
     unit = (PATCH * 2) ** 2  # pixels per merged token
-    tok = byte_tokenizer(QWEN_SPECIALS, QWEN_VL_TEMPLATE)
+    tok = tokenizer_for(tokenizer, QWEN_SPECIALS, QWEN_VL_TEMPLATE)
     pixels = {"shortest_edge": n * unit, "longest_edge": n * unit}
     image_processor = Qwen2VLImageProcessorPil(
         size=pixels, patch_size=PATCH, temporal_patch_size=2, merge_size=2
@@ -281,11 +283,11 @@ def _qwen_ids(tok: Any) -> dict[str, int]:
     }
 
 
-def _qwen2_vl(seed: int, image_tokens: int | None = None) -> tuple[Any, Any, Any]:
+def _qwen2_vl(seed: int, image_tokens: int | None = None, tokenizer: str = "bytes") -> tuple[Any, Any, Any]:
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
     from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLTextConfig, Qwen2VLVisionConfig
 
-    tok, image_processor, video_processor = _qwen_parts(image_tokens)
+    tok, image_processor, video_processor = _qwen_parts(image_tokens, tokenizer)
     processor = Qwen2VLProcessor(
         image_processor=image_processor, tokenizer=tok, video_processor=video_processor, chat_template=QWEN_VL_TEMPLATE
     )
@@ -305,14 +307,14 @@ def _qwen2_vl(seed: int, image_tokens: int | None = None) -> tuple[Any, Any, Any
     return _build(Qwen2VLForConditionalGeneration, config, seed, tok), tok, processor
 
 
-def _qwen2_5_vl(seed: int, image_tokens: int | None = None) -> tuple[Any, Any, Any]:
+def _qwen2_5_vl(seed: int, image_tokens: int | None = None, tokenizer: str = "bytes") -> tuple[Any, Any, Any]:
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
     from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import (
         Qwen2_5_VLTextConfig,
         Qwen2_5_VLVisionConfig,
     )
 
-    tok, image_processor, video_processor = _qwen_parts(image_tokens)
+    tok, image_processor, video_processor = _qwen_parts(image_tokens, tokenizer)
     processor = Qwen2_5_VLProcessor(
         image_processor=image_processor, tokenizer=tok, video_processor=video_processor, chat_template=QWEN_VL_TEMPLATE
     )
@@ -373,13 +375,13 @@ def _idefics_config(config_cls: Any, vision: Any, tok: Any) -> Any:
     )
 
 
-def _idefics3(seed: int, image_tokens: int | None = None) -> tuple[Any, Any, Any]:
+def _idefics3(seed: int, image_tokens: int | None = None, tokenizer: str = "bytes") -> tuple[Any, Any, Any]:
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
     from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionConfig
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
     image_processor, vision, seq_len = _idefics_parts(image_tokens, Idefics3ImageProcessorPil, Idefics3VisionConfig)
-    tok = byte_tokenizer(IDEFICS_SPECIALS, IDEFICS3_TEMPLATE)
+    tok = tokenizer_for(tokenizer, IDEFICS_SPECIALS, IDEFICS3_TEMPLATE)
     processor = Idefics3Processor(
         image_processor=image_processor, tokenizer=tok, image_seq_len=seq_len, chat_template=IDEFICS3_TEMPLATE
     )
@@ -387,7 +389,7 @@ def _idefics3(seed: int, image_tokens: int | None = None) -> tuple[Any, Any, Any
     return _build(Idefics3ForConditionalGeneration, config, seed, tok), tok, processor
 
 
-def _smolvlm(seed: int, image_tokens: int | None = None) -> tuple[Any, Any, Any]:
+def _smolvlm(seed: int, image_tokens: int | None = None, tokenizer: str = "bytes") -> tuple[Any, Any, Any]:
     from guardrail.models.vlm import ensure_smolvlm_processor
 
     ensure_smolvlm_processor()
@@ -397,7 +399,7 @@ def _smolvlm(seed: int, image_tokens: int | None = None) -> tuple[Any, Any, Any]
 
     image_processor, vision, seq_len = _idefics_parts(image_tokens, SmolVLMImageProcessorPil, SmolVLMVisionConfig)
     edge = {"longest_edge": _idefics_geometry(image_tokens)[0]}
-    tok = byte_tokenizer(IDEFICS_SPECIALS + ["<video>"], SMOLVLM_TEMPLATE)
+    tok = tokenizer_for(tokenizer, IDEFICS_SPECIALS + ["<video>"], SMOLVLM_TEMPLATE)
     video_processor = _video_processor(
         "SmolVLMVideoProcessor", size=edge, max_image_size=dict(edge), num_frames=8, fps=1
     )
@@ -413,7 +415,7 @@ def _smolvlm(seed: int, image_tokens: int | None = None) -> tuple[Any, Any, Any]
 
 
 # ----- PaliGemma ------------------------------------------------------------------------------------
-def _paligemma(seed: int, image_tokens: int | None = None) -> tuple[Any, Any, Any]:
+def _paligemma(seed: int, image_tokens: int | None = None, tokenizer: str = "bytes") -> tuple[Any, Any, Any]:
     """PaliGemma (1, Gemma backbone). No chat template: its prompt is "<image>"*N + BOS + text + "\\n"
     with a bidirectional prefix; the adapter builds it."""
     from transformers import GemmaConfig, PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor
@@ -422,7 +424,7 @@ def _paligemma(seed: int, image_tokens: int | None = None) -> tuple[Any, Any, An
 
     side = _side(image_tokens)
     size = side * PATCH  # 16 tokens: 56 px; 256 tokens: 224 px as in paligemma-3b-224
-    tok = byte_tokenizer(["<image>"], chat_template=None)
+    tok = tokenizer_for(tokenizer, ["<image>"], chat_template=None)
     image_processor = SiglipImageProcessorPil(
         size={"height": size, "width": size}, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]
     )
@@ -475,9 +477,9 @@ BUILDERS: dict[str, Callable[..., tuple[Any, Any, Any]]] = {
 }
 
 
-def build(arch: str, seed: int = 0, *, image_tokens: int | None = None) -> tuple[Any, Any, Any]:
+def build(arch: str, seed: int = 0, *, image_tokens: int | None = None, tokenizer: str = "bytes") -> tuple[Any, Any, Any]:
     """`BUILDERS[arch]` with a clear error for an unknown arch, e.g. for a benchmark that wants the
     real image-token count: `build("llava", image_tokens=576)`; wrap it with `adapter_for`."""
     if arch not in BUILDERS:
         raise ModelError(f"unknown tiny VLM architecture {arch!r}; known: {', '.join(sorted(BUILDERS))}")
-    return BUILDERS[arch](seed, image_tokens=image_tokens)
+    return BUILDERS[arch](seed, image_tokens=image_tokens, tokenizer=tokenizer)
