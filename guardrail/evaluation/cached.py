@@ -24,6 +24,10 @@ from typing import Any, Callable
 from guardrail.paths import cache_home
 
 
+def _digest(key: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def installed_calibrators() -> list[list[Any]]:
     """[name, version] of every registered calibrator: a plugin that adds or changes a block
     (a new assessor) must not be served a cached artifact that lacks it."""
@@ -43,7 +47,7 @@ def artifact_dir(adapter: Any, harmful: list[str], benign: list[str], cfg: Any) 
            "version": __version__}
     if cfg.calibrators is None:  # every registered calibrator runs: the set shapes the artifact
         key["calibrators"] = installed_calibrators()
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    digest = _digest(key)
     safe_name = "".join(c if c.isalnum() or c in "-_" else "-" for c in adapter.name)
     return cache_home() / "artifacts" / f"{safe_name}-{digest}"
 
@@ -100,8 +104,7 @@ def ensure_source_artifacts(adapter: Any, lists_folder: Path, lists: Any, progre
     from guardrail.engine.transformers import TransformersBackend
     from guardrail.errors import ArtifactError
     from guardrail.evaluation import source_rows
-    from guardrail.evaluation.datasets import data_home, prepare
-    from guardrail.evaluation.datasets import DataError
+    from guardrail.evaluation.datasets import DataError, data_home, prepare
     from guardrail.evaluation.sources import prepared_sources
     from guardrail.method.artifacts import load_artifacts
 
@@ -120,8 +123,7 @@ def ensure_source_artifacts(adapter: Any, lists_folder: Path, lists: Any, progre
     key = {"fingerprint": adapter.fingerprint(), "rows": source_rows.key(rows), "lists": lists_folder.name,
            "config": {k: v for k, v in asdict(cfg).items() if k != "progress"},
            "calibrators": installed_calibrators(), "version": __version__}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    folder = lists_folder.parent / f"{lists_folder.name.rsplit('-', 1)[0]}-sources-{digest}"
+    folder = lists_folder.parent / f"{lists_folder.name.rsplit('-', 1)[0]}-sources-{_digest(key)}"
     if (folder / "artifacts.json").is_file():
         try:
             return folder, load_artifacts(folder, adapter.fingerprint())
