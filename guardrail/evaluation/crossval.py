@@ -123,7 +123,8 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _row_key(r: dict[str, Any]) -> list[Any]:
+def row_key(r: dict[str, Any]) -> list[Any]:
+    """What identifies a prepared row in a cache key: its id, its text and its image's sha256."""
     image = r.get("image")
     image_sha = hashlib.sha256(Path(image).read_bytes()).hexdigest() if image else None
     return [r["id"], r["prompt"], image_sha]
@@ -148,7 +149,7 @@ def gather(engine: Any, env: Any, policy: Any, rows: Sequence[dict[str, Any]], s
     key = _digest({"model": engine.fingerprint() if engine is not None else None, "steps": steps, "topk": topk,
                    "pooled": True,
                    "reformulator": [policy.reformulator.use, policy.reformulator.params],
-                   "rows": [_row_key(r) for r in rows]})
+                   "rows": [row_key(r) for r in rows]})
     name = f"{rows[0]['modality']}-{rows[0]['source']}-{key[:16]}.pt"
     path = cache / name
     if path.is_file():

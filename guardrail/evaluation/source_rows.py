@@ -42,9 +42,9 @@ def default_sources() -> list[str]:
 
 def key(rows: Sequence[dict[str, Any]]) -> list[list[Any]]:
     """What identifies the rows (ids, texts, image bytes' sha256): a cache key before any OCR."""
-    from guardrail.evaluation.crossval import _row_key
+    from guardrail.evaluation.crossval import row_key
 
-    return [_row_key(r) + [r["label"], r["modality"]] for r in rows]
+    return [row_key(r) + [r["label"], r["modality"]] for r in rows]
 
 
 def reformulate(backend: Any, rows: Sequence[dict[str, Any]], policy_file: Path | None = None) -> list:

@@ -104,12 +104,12 @@ def _conforming(kind: str, name: str, stage: Any) -> Any:
     return stage
 
 
-
 def lacking_inputs(need: Any, inputs: Any) -> list[str]:
     """The risk-pass outputs an assessor's needs ask for that a backend's `risk_inputs` lacks."""
     wants = (("layer_states", need.layers), ("pooled_states", need.pooled), ("step_logits", need.steps),
              ("readouts", need.readouts))
     return [name for name, wanted in wants if wanted and name not in inputs]
+
 
 def build(policy: Policy, env: StageEnv) -> PolicyRuntime:
     plugins = env.plugins
