@@ -10,7 +10,7 @@ from typing import Sequence
 
 from guardrail.errors import GuardrailError
 
-COMMANDS = ["plugins", "policy", "generate", "calibrate", "serve", "data", "eval", "demo", "diagnose", "bench", "crossval"]
+COMMANDS = ["plugins", "policy", "generate", "calibrate", "serve", "data", "eval", "demo", "diagnose", "bench", "crossval", "vllm-files"]
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"guardrail {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        importlib.import_module(f"guardrail.commands.{name}").register(sub)
+        importlib.import_module(f"guardrail.commands.{name.replace('-', '_')}").register(sub)
     _use_formatter(parser)
     return parser
 

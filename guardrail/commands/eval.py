@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         model=args.model, artifacts=args.artifacts, policy=args.policy, out=args.out, harmful=args.harmful,
         benign=args.benign, edgy=args.edgy, matched=args.matched, methods=args.methods, limit=args.limit,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, judge=args.judge, device=args.device,
-        progress=show_progress(args), backend=args.backend, vllm_url=args.vllm_url,
+        progress=show_progress(args), backend=args.backend, vllm_url=args.vllm_url, vllm_states_url=args.vllm_states_url,
     )
     run_eval(cfg)
     return 0

@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         audit_log=args.audit_log,
         backend=args.backend,
-        vllm_url=args.vllm_url,
+        vllm_url=args.vllm_url, vllm_states_url=args.vllm_states_url,
     )
     try:
         result = guard.generate(

@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         audit_log=args.audit_log,
         backend=args.backend,
-        vllm_url=args.vllm_url,
+        vllm_url=args.vllm_url, vllm_states_url=args.vllm_states_url,
     )
     try:
         serve_forever(create_app(guard, config), host=args.host, port=args.port, log_level=args.log_level)

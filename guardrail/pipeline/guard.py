@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from guardrail.audit import JsonlSink
 from guardrail.engine.backend import Backend
+from guardrail.errors import InputError
 from guardrail.pipeline import intake, steps
 from guardrail.pipeline.caption_cache import CaptionCache
 from guardrail.pipeline.runner import StageRunner
@@ -69,13 +70,17 @@ class Guardrail:
         **kwargs: Any,
     ) -> "Guardrail":
         """Build a guard from a model spec (`smollm2`, `tiny-random:ARCH`, a local folder).
-        `backend="vllm"` serves it through vLLM instead (guardrail.engine.vllm; `vllm_url=` for a
-        running server, else one is started on loopback)."""
+        `backend="vllm"` serves it through vLLM instead (guardrail.engine.vllm; `vllm_url=` and
+        `vllm_states_url=` for running servers, else they are started on loopback)."""
         backend, vllm_url = kwargs.pop("backend", "transformers"), kwargs.pop("vllm_url", None)
+        vllm_states_url = kwargs.pop("vllm_states_url", None)
+        if backend != "vllm" and (vllm_url or vllm_states_url):
+            raise InputError("vllm_url / vllm_states_url (--vllm-url, --vllm-states-url) need the vLLM backend "
+                             "(backend='vllm', --backend vllm)")
         if backend == "vllm":
             from guardrail.engine.vllm import build
 
-            engine = build(model, artifacts, url=vllm_url)
+            engine = build(model, artifacts, url=vllm_url, states_url=vllm_states_url)
             try:
                 return cls(engine, policies, **kwargs)
             except BaseException:
