@@ -457,3 +457,20 @@ def test_a_missing_engine_says_how_to_build_it(tmp_path, monkeypatch):
     monkeypatch.setenv("GUARDRAIL_VLLM_VENV", str(tmp_path / "no-venv"))
     with pytest.raises(ModelError, match=r"not installed: .*no-venv/bin/vllm is missing.*make vllm-env"):
         VllmServer(tmp_path, None)
+
+
+def test_verdict_comparison_agrees_on_a_few_evaluation_requests(vllm, hf):
+    """guardrail bench --backend vllm --verdicts, on two running backends: the default and paper
+    policies give the same bands, unsteered answers are identical, every difference is listed."""
+    from guardrail.engine.vllm_verdicts import SETS, compare_backends
+
+    harmful, benign = PROMPTS[1::2], PROMPTS[0::2]
+    sets = {"harmbench": harmful, "benign": benign, "edgy": benign[:1], "harmful_matched": harmful[:1]}
+    assert set(sets) == set(SETS)
+    report = compare_backends(vllm, hf, sets, sample=4, answer_tokens=8, log=lambda _: None)
+    assert set(report["policies"]) == {"default", "paper"} and report["target"]["met"]
+    for entry in report["policies"].values():
+        assert entry["n"] == sum(len(v) for v in sets.values()) and entry["band_agreement"] == 1.0
+        g = entry["generated"]
+        assert g["n"] == 4 and g["unsteered_identical"] == g["unsteered"]
+        assert len(g["differences"]) == g["n"] - g["unsteered_identical"] - g["steered_identical"]

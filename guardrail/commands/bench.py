@@ -8,6 +8,7 @@ The measurement itself lives in `guardrail.evaluation.benchmark` (also runnable 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,10 +22,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vllm-batch", type=int, default=32, help="with --backend vllm: concurrent requests")
     p.add_argument("--vllm-interval-ms", type=float, default=100.0,
                    help="with --backend vllm: arrival interval of the open-loop stream")
+    p.add_argument("--verdicts", action="store_true",
+                   help="with --backend vllm: instead of timing, compare the vLLM and transformers verdicts "
+                        "(bands, risks, answers) on the evaluation sets of --data, for the default and paper "
+                        "policies, with --artifacts (guardrail.engine.vllm_verdicts)")
+    p.add_argument("--data", type=Path, default=None,
+                   help="with --verdicts: a folder `guardrail data` prepared (default: the cache's)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.verdicts:
+        from guardrail.engine.vllm_verdicts import execute as execute_verdicts
+
+        return execute_verdicts(args)
     if args.backend == "vllm":
         from guardrail.engine.vllm_bench import execute as execute_vllm
 
