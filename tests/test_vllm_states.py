@@ -84,3 +84,20 @@ def test_cli_vllm_files_writes_the_folder_and_prints_both_servers(tmp_path, caps
     assert main(["vllm-files", "--dest", str(tmp_path / "x"), "--model", str(tmp_path)]) == 1
     assert "not a checkpoint folder" in capsys.readouterr().err
     assert ensure_converted().is_dir()
+
+
+def test_cli_bench_verdicts_says_what_it_needs(tmp_path, capsys):
+    from guardrail.cli import main
+
+    assert main(["bench", "--verdicts", "--model", "smollm2"]) == 1
+    assert "add --backend vllm" in capsys.readouterr().err
+    assert main(["bench", "--verdicts", "--backend", "vllm", "--model", "smollm2"]) == 1
+    assert "needs --artifacts" in capsys.readouterr().err
+
+
+def test_verdict_sets_must_exist(tmp_path):
+    from guardrail.engine.vllm_verdicts import _prompts
+    from guardrail.errors import InputError
+
+    with pytest.raises(InputError, match="no harmbench.jsonl .*guardrail data --dir"):
+        _prompts(tmp_path)

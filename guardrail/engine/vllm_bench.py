@@ -8,6 +8,10 @@ Keys of the report:
     vllm_steer_per_token_ratio           per decode token, every row steered on every step vs none
                                          ((T(n) - T(1)) / (n - 1), answers forced to length n)
     vllm_guarded_latency_ratio           one request, 128-token answer: guarded / plain
+    vllm_default_guarded_over_plain_throughput
+                                         the same 32 requests under policies/default.yaml, whose
+                                         pooled_probe reads layer states from the states server
+                                         (a second engine on the same CPUs here)
     vllm_over_transformers_guarded_throughput, vllm_over_transformers_guarded_p95
                                          the same open-loop stream of mixed requests (harmful ones end
                                          in a ~14-token steered refusal, benign answers run to 128
@@ -31,6 +35,7 @@ from typing import Any, Callable
 # The guarded policy (prototype-similarity risk, full-strength steering above 0.3 for 16 tokens) and
 # its observe twin, in policies/bench/vllm/: the two tenants of the mixed stream.
 POLICY_DIR = Path(__file__).resolve().parents[2] / "policies" / "bench" / "vllm"
+DEFAULT_POLICY = Path(__file__).resolve().parents[2] / "policies" / "default.yaml"
 
 TARGETS = {
     "vllm_guarded_over_plain_throughput": (">=", 0.90),
@@ -125,6 +130,13 @@ def run(model: str, artifacts: Path | None, rounds: int, batch: int, answer_toke
         guarded = _median(lambda: guard.generate_batch(requests), rounds)
         report["vllm_plain_batch_s"], report["vllm_guarded_batch_s"] = plain, guarded
         report["vllm_guarded_over_plain_throughput"] = plain / guarded
+        if engine.states is not None:  # the default policy: pooled layer states from the states server
+            log(f"{batch} requests at once under policies/default.yaml (states server) ...")
+            default = Guardrail(engine, DEFAULT_POLICY)
+            plain_requests = [Request(p, max_new_tokens=answer_tokens) for p in mixed]
+            default_s = _median(lambda: default.generate_batch(plain_requests), rounds)
+            report["vllm_default_guarded_batch_s"] = default_s
+            report["vllm_default_guarded_over_plain_throughput"] = plain / default_s
         t = time.perf_counter()
         guard.assess_batch(requests)
         report["vllm_risk_pass_batch_s"] = time.perf_counter() - t
@@ -193,9 +205,14 @@ def execute(args: Any) -> int:
     model = "smollm2" if args.model.startswith("tiny-random:") else args.model  # text-only on vLLM
     report = run(model, args.artifacts, max(1, args.rounds), args.vllm_batch, args.answer_tokens, args.vllm_interval_ms,
                  log=lambda m: print(m, file=sys.stderr, flush=True))
-    text = json.dumps(report, indent=2) + "\n"
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text, encoding="utf-8")
-    print(text)
+    emit(report, args.out)
     return 0
+
+
+def emit(report: dict[str, Any], out: Path | None) -> None:
+    """The report as JSON on stdout, and in `out` when given."""
+    text = json.dumps(report, indent=2) + "\n"
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text, encoding="utf-8")
+    print(text)

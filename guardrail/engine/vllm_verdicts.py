@@ -118,13 +118,10 @@ def execute(args: Any) -> int:
         raise InputError("--verdicts compares the vLLM backend with transformers: add --backend vllm")
     if args.artifacts is None:
         raise InputError("--verdicts needs --artifacts (the calibration both backends load, e.g. the demo's)")
+    from guardrail.engine.vllm_bench import emit
     from guardrail.evaluation.datasets import data_home
 
     model = "smollm2" if args.model.startswith("tiny-random:") else args.model  # text-only on vLLM
     report = compare(model, args.artifacts, args.data or data_home(), log=lambda m: print(m, file=sys.stderr, flush=True))
-    text = json.dumps(report, indent=2) + "\n"
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text, encoding="utf-8")
-    print(text)
+    emit(report, args.out)
     return 0
