@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from guardrail.engine.vllm import PROCESSOR_CLASS, PROCESSOR_MODULE, HeadlessAdapter, _architecture, processor_dir
+    from guardrail.engine.vllm import PROCESSOR_CLASS, PROCESSOR_MODULE, HeadlessAdapter, checkpoint_architecture, processor_dir
     from guardrail.engine.vllm_states import artifact_layers, states_server_args
     from guardrail.errors import InputError
     from guardrail.method.artifacts import load_artifacts
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{artifacts}{env} vllm serve {model} --max-logprobs -1 --skip-tokenizer-init "
           f"--logits-processors {PROCESSOR_MODULE}:{PROCESSOR_CLASS}")
     if layers:
-        flags = " ".join(shlex.quote(a) for a in states_server_args(_architecture(folder), layers))
+        flags = " ".join(shlex.quote(a) for a in states_server_args(checkpoint_architecture(folder), layers))
         print(f"# the states server for layers {layers} (guardrail ... --vllm-states-url http://HOST:PORT)")
         print(f"{env} vllm serve {model} {flags}")
     else:

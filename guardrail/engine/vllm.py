@@ -190,7 +190,8 @@ class HeadlessAdapter(ModelAdapter):
         return dict(self._fingerprint)
 
 
-def _architecture(folder: Path) -> str:
+def checkpoint_architecture(folder: Path) -> str:
+    """The first architecture a checkpoint's config.json names (what the states server wraps)."""
     try:
         archs = json.loads((folder / "config.json").read_text()).get("architectures") or []
     except (OSError, ValueError) as exc:
@@ -263,7 +264,7 @@ class VllmServer:
                     # full-vocabulary log-probabilities are not detokenized (2.4x faster risk pass here)
                     "--skip-tokenizer-init"]
         else:  # the pooling server's request handlers need its tokenizer even for token ids
-            cmd += ["--served-model-name", "guardrail-states", *states_server_args(_architecture(Path(model_dir)), self.states_layers)]
+            cmd += ["--served-model-name", "guardrail-states", *states_server_args(checkpoint_architecture(Path(model_dir)), self.states_layers)]
         if max_model_len:
             cmd += ["--max-model-len", str(max_model_len)]
         cmd += list(extra_args)
