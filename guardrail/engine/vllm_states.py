@@ -70,7 +70,6 @@ class StatesClient:
         except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
             self.close()
             raise ModelError(f"no vLLM states server answers at {self.url}: {exc}") from exc
-        self.layers: list[int] | None = None  # what the server serves, learnt from its first answer
 
     def close(self) -> None:
         self.passes.shutdown(wait=False, cancel_futures=True)
@@ -101,7 +100,6 @@ class StatesClient:
         states = {int(l): torch.zeros(n, self.hidden) for l in layers}
         means = {int(l): torch.zeros(n, self.hidden) for l in pooled}
         for row, (served, avg, last) in enumerate(parts):
-            self.layers = served
             index = {l: i for i, l in enumerate(served)}
             missing = sorted({l for l in list(states) + list(means) if l not in index})
             if missing:

@@ -33,6 +33,7 @@ pooler part of it, so both are off and a partial span is refused, never averaged
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -93,6 +94,7 @@ class StatesPooler(nn.Module):
         return out
 
 
+@functools.lru_cache(maxsize=None)
 def _states_class(arch: str) -> type:
     from vllm import ModelRegistry
     from vllm.model_executor.models.adapters import as_embedding_model
@@ -135,13 +137,9 @@ def _states_class(arch: str) -> type:
     return States
 
 
-_CLASSES: dict[str, type] = {}
-
-
 def __getattr__(name: str) -> Any:
-    """`GuardrailStates<Arch>` classes, built on first import by vLLM's lazy registry."""
+    """`GuardrailStates<Arch>` classes, built on first import by vLLM's lazy registry (once per
+    name, so every lookup in a process gets the same class)."""
     if not name.startswith(ARCH_PREFIX) or name == ARCH_PREFIX:
         raise AttributeError(name)
-    if name not in _CLASSES:
-        _CLASSES[name] = _states_class(name)
-    return _CLASSES[name]
+    return _states_class(name)
