@@ -5,8 +5,8 @@ For each policy (default: policies/default.yaml, which reads pooled layer states
 server, and policies/paper.yaml, the paper's similarity read in the engine), every text request of
 the evaluation sets in `--data` (HarmBench, the benign, sensitive-but-benign and matched-harmful
 lists that `guardrail data` prepares) is assessed on both backends with the same artifact: band,
-strength (to 1e-3: paper.yaml's strength is the risk itself) and risk are compared. Then the first `sample` requests (harmful and benign interleaved)
-are answered on both: unsteered rows must give identical tokens; for steered rows the report counts
+strength (to 1e-3: paper.yaml's strength is the risk itself) and risk are compared. Then the first
+`sample` requests (harmful and benign interleaved) are answered on both: unsteered rows must give identical tokens; for steered rows the report counts
 identical answers and lists every difference with the first position where the tokens part (a
 greedy tie under float32 reordering shows as a late, isolated split).
 """
