@@ -37,13 +37,19 @@ What runs where:
   policy whose assessors need layer states is refused when it loads (guardrail.pipeline.runtime).
 
 `interventions = {LogitInterpolation}`: additive steering and forced prefixes are refused at load.
-Images are not supported yet (text-only models).
+Images (Idefics3/SmolVLM-style checkpoints whose prompts come from a chat template): a row with
+images goes to vLLM's chat endpoint as the adapter's chat messages with the images inline; the
+engine renders the template and runs its processor, and the prompt tokens it reports are checked
+against guardrail's own encoding. Decoder-layer states are for text-only checkpoints.
 """
 
 from __future__ import annotations
 
 import atexit
+import base64
+import functools
 import hashlib
+import io
 import json
 import math
 import os
@@ -55,6 +61,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -113,24 +120,29 @@ class _Stub:
 class HeadlessAdapter(ModelAdapter):
     """A `ModelAdapter` without the model: chat template, tokenizer, EOS ids and the fingerprint
     (computed from the checkpoint's header and two small tensors, exactly as `ModelAdapter` does
-    from the loaded weights), for a backend whose weights live in another process."""
+    from the loaded weights), for a backend whose weights live in another process. Use
+    `headless_adapter(folder)`: for a vision-language checkpoint it is mixed with the family's
+    adapter (guardrail.models.vlm), so prompts, image placement and image-shape limits are that
+    family's, and the processor is loaded (no weights) to encode rows exactly as transformers does."""
 
     def __init__(self, folder: Path, name: str):
         from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-        self.folder = folder
-        config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
         from guardrail.models import vlm
 
-        if config.model_type in vlm.ADAPTERS:
-            raise ModelError(f"the vLLM backend serves text-only models for now; {name} is a {config.model_type} VLM")
+        self.folder = folder
+        config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
         try:
             gen = GenerationConfig.from_pretrained(str(folder), local_files_only=True)
         except OSError:
             gen = None
         tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-        super().__init__(_Stub(config, gen), tok, None, name=name)
+        processor = vlm.load_processor(folder, config) if config.model_type in vlm.ADAPTERS else None
+        super().__init__(_Stub(config, gen), tok, processor, name=name)
         self._tensors = self._tensor_index()
+
+    def _float_dtype(self) -> torch.dtype:  # the engine runs float32 (`--dtype float32`)
+        return torch.float32
 
     def _tensor_index(self) -> dict[str, Path]:
         from safetensors import safe_open
@@ -152,11 +164,27 @@ class HeadlessAdapter(ModelAdapter):
             part = fh.get_slice(key)
             return part[:rows] if rows is not None else part[:]
 
+    def _text_prefixes(self) -> list[str]:
+        # where checkpoints keep the text decoder: text models, VLMs as transformers 5 names them
+        # (model.<text_attr>), and the original layout some families are saved in (language_model.model)
+        inner = getattr(self, "text_attr", None)
+        return ["model."] + ([f"model.{inner}."] if inner else []) + ["language_model.model."]
+
+    def _first_key(self, keys: Sequence[str]) -> str | None:
+        return next((key for key in keys if key in self._tensors), None)
+
     def _head_key(self) -> str:
-        for key in ("lm_head.weight", "model.embed_tokens.weight"):
-            if key in self._tensors and (key == "lm_head.weight" or getattr(self.model.config, "tie_word_embeddings", False)):
-                return key
+        head = self._first_key(["lm_head.weight", "language_model.lm_head.weight"])
+        if head is not None:
+            return head
+        tied = getattr(self.text_config(), "tie_word_embeddings", False) or getattr(self.model.config, "tie_word_embeddings", False)
+        embed = self._first_key([p + "embed_tokens.weight" for p in self._text_prefixes()]) if tied else None
+        if embed is not None:
+            return embed
         raise ModelError(f"{self.folder}: cannot find the unembedding (lm_head.weight) in the checkpoint")
+
+    def _norm_key(self) -> str | None:
+        return self._first_key([p + "norm.weight" for p in self._text_prefixes()])
 
     @property
     def num_layers(self) -> int:
@@ -179,8 +207,8 @@ class HeadlessAdapter(ModelAdapter):
             tok_hash = hashlib.sha256(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode("utf-8")).hexdigest()
             archs = getattr(self.model.config, "architectures", None) or ["?"]
             digest = hashlib.sha256()
-            for key, rows in (("model.norm.weight", None), (self._head_key(), 16)):
-                if key in self._tensors:
+            for key, rows in ((self._norm_key(), None), (self._head_key(), 16)):
+                if key is not None:
                     digest.update(self._tensor(key, rows).float().contiguous().numpy().tobytes())
             self._fingerprint = {
                 "architecture": archs[0], "family": self.family, "hidden_size": self.hidden_size,
@@ -188,6 +216,41 @@ class HeadlessAdapter(ModelAdapter):
                 "tokenizer_sha256": tok_hash, "weights_sha256": digest.hexdigest(),
             }
         return dict(self._fingerprint)
+
+
+@functools.lru_cache(maxsize=None)
+def _headless_class(family: type) -> type:
+    return type(f"Headless{family.__name__}", (HeadlessAdapter, family), {"__doc__": HeadlessAdapter.__doc__})
+
+
+def headless_adapter(folder: Path, name: str) -> HeadlessAdapter:
+    """The weightless adapter for a checkpoint folder: text-only, or one of guardrail's VLM families
+    (whose prompts come from a chat template, as vLLM's chat endpoint renders them)."""
+    from guardrail.models import vlm
+
+    model_type = _model_type(folder)
+    family = vlm.ADAPTERS.get(model_type)
+    if family is None:
+        return HeadlessAdapter(folder, name)
+    if family.prompt_text is not vlm.VLMAdapter.prompt_text:
+        raise ModelError(f"the vLLM backend sends image rows as chat messages, which vLLM renders with the "
+                         f"checkpoint's chat template; {name} is a {model_type} model, whose prompt guardrail "
+                         "builds by hand, so its prompts could differ")
+    return _headless_class(family)(folder, name)
+
+
+def _model_type(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        return None
+
+
+def is_vlm_checkpoint(folder: Path) -> bool:
+    """Whether a checkpoint's config.json names one of guardrail's vision-language families."""
+    from guardrail.models import vlm
+
+    return _model_type(folder) in vlm.ADAPTERS
 
 
 def checkpoint_architecture(folder: Path) -> str:
@@ -226,6 +289,7 @@ class VllmServer:
         threads: int | None = None,
         states_layers: Sequence[int] | None = None,
         wait: bool = True,
+        chat: bool | None = None,
     ):
         # states_layers: serve those decoder layers' states (a pooling engine, guardrail_vllm_states)
         # instead of generating; None: the generating engine with guardrail's logits processor.
@@ -257,12 +321,20 @@ class VllmServer:
         # distribution named "vllm"); the module entry point is the same server.
         cmd = [str(exe), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(self.port),
                "--dtype", "float32", "--enforce-eager", "--disable-log-stats"]
+        # chat: image rows go through /v1/chat/completions, which renders the chat template and so
+        # needs the server's tokenizer (default: for vision-language checkpoints)
+        self.chat = is_vlm_checkpoint(Path(model_dir)) if chat is None else bool(chat)
         if self.states_layers is None:
             cmd += ["--max-logprobs", "-1", "--logits-processors", f"{PROCESSOR_MODULE}:{PROCESSOR_CLASS}",
-                    "--served-model-name", "guardrail-engine",
-                    # guardrail sends token ids and decodes itself; without the server's tokenizer the
-                    # full-vocabulary log-probabilities are not detokenized (2.4x faster risk pass here)
-                    "--skip-tokenizer-init"]
+                    "--served-model-name", "guardrail-engine"]
+            if self.chat:
+                # the adapters' chat templates iterate over content parts: vLLM must pass them as such
+                # (its "string" form joins an image placeholder and the text with a newline)
+                cmd += ["--chat-template-content-format", "openai"]
+            else:
+                # guardrail sends token ids and decodes itself; without the server's tokenizer the
+                # full-vocabulary log-probabilities are not detokenized (2.4x faster risk pass here)
+                cmd += ["--skip-tokenizer-init"]
         else:  # the pooling server's request handlers need its tokenizer even for token ids
             cmd += ["--served-model-name", "guardrail-states", *states_server_args(checkpoint_architecture(Path(model_dir)), self.states_layers)]
         if max_model_len:
@@ -360,10 +432,11 @@ class VllmBackend:
         import httpx
 
         self.model_dir = Path(model_dir)
-        self.adapter = HeadlessAdapter(self.model_dir, name or str(model_dir))
+        self.adapter = headless_adapter(self.model_dir, name or str(model_dir))
         self.name = self.adapter.name
         self.artifacts = artifacts
-        self.supports_images = False
+        # image rows go to vLLM's chat endpoint (the server renders the same template; see prompt())
+        self.supports_images = bool(self.adapter.supports_images)
         self.server = server
         self.url = (url or (server.url if server is not None else "")).rstrip("/")
         if not self.url:
@@ -389,6 +462,9 @@ class VllmBackend:
         # Decoder-layer states come from a second, pooling engine (guardrail.engine.vllm_states).
         self.states_server = states_server
         states_at = states_url or (states_server.url if states_server is not None else None)
+        if states_at and self.supports_images:
+            raise ModelError(f"the states server serves text-only checkpoints; {self.name} is a vision-language "
+                             "model, so policies that read decoder-layer states cannot be served on vLLM for it")
         self.states = StatesClient(states_at, self.adapter.hidden_size, request_timeout_s=request_timeout_s) if states_at else None
         self.risk_inputs: frozenset[str] = self.BASE_RISK_INPUTS | (self.STATE_RISK_INPUTS if self.states else frozenset())
 
@@ -440,12 +516,25 @@ class VllmBackend:
         return self.adapter.eos_token_ids()
 
     def prompt_ids(self, row: ChatRow) -> list[int]:
-        """The row's prompt as token ids: the same template and tokenizer as the transformers backend."""
-        if row.images:
-            raise ModelError(f"the vLLM backend serves text-only models; {self.name} got an image")
+        """The row's prompt as token ids: the same template, tokenizer (and, for a VLM, processor with
+        its image placeholders expanded) as the transformers backend."""
+        return list(self.prompt(row).ids)
+
+    def prompt(self, row: ChatRow) -> EnginePrompt:
+        """What the engine is sent for a row: its token ids, or for a row with images the chat
+        messages (images inline as PNG data URLs), which vLLM renders with the checkpoint's template
+        and whose tokens it returns; guardrail checks them against `ids` (`_checked`)."""
         with self.tokenizer_lock:
-            text = self.adapter.prompt_text(row)
-            return list(self.adapter.tokenizer(text, add_special_tokens=False)["input_ids"])
+            if not self.supports_images:
+                if row.images:
+                    raise ModelError(f"{self.name} is a text-only model and cannot take images")
+                text = self.adapter.prompt_text(row)
+                return EnginePrompt(tuple(self.adapter.tokenizer(text, add_special_tokens=False)["input_ids"]))
+            ids = tuple(int(t) for t in self.adapter.encode([row])["input_ids"][0].tolist())
+            if not row.images:
+                return EnginePrompt(ids)
+            messages, _ = self.adapter.rendered(row)
+        return EnginePrompt(ids, chat_messages(messages, row.images))
 
     def _trim(self, ids: list[int]) -> tuple[tuple[int, ...], str]:
         eos = set(self.eos_token_ids())
@@ -455,27 +544,61 @@ class VllmBackend:
         return tuple(ids), "length"
 
     # ----- requests --------------------------------------------------------------------------------
-    def _body(self, prompt: list[int], max_tokens: int, **extra: Any) -> dict[str, Any]:
-        body = {"model": self.model_name, "prompt": prompt, "max_tokens": int(max_tokens), "temperature": 0.0,
-                "stop_token_ids": self.eos_token_ids(), "skip_special_tokens": False, "return_token_ids": True}
+    def _body(self, prompt: "EnginePrompt | Sequence[int]", max_tokens: int, **extra: Any) -> dict[str, Any]:
+        if not isinstance(prompt, EnginePrompt):
+            prompt = EnginePrompt(tuple(int(t) for t in prompt))
+        body: dict[str, Any] = {"model": self.model_name, "max_tokens": int(max_tokens), "temperature": 0.0,
+                                "stop_token_ids": self.eos_token_ids(), "skip_special_tokens": False,
+                                "return_token_ids": True}
+        if prompt.messages is None:
+            body["prompt"] = list(prompt.ids)
+        else:  # the chat endpoint: vLLM renders the template, the ids travel only to be checked
+            body["messages"] = prompt.messages
+            body["add_generation_prompt"] = True
         body.update(extra)
         return body
 
-    def _post(self, body: dict[str, Any]) -> dict[str, Any]:
-        response = self.client.post("/v1/completions", json=body)
+    @staticmethod
+    def _route(body: dict[str, Any]) -> str:
+        return "/v1/chat/completions" if "messages" in body else "/v1/completions"
+
+    def _post(self, body: dict[str, Any], prompt: EnginePrompt | None = None) -> dict[str, Any]:
+        """POST a request body; a chat request's answer is checked against the prompt's ids."""
+        response = self.client.post(self._route(body), json=body)
         if response.status_code != 200:
             raise ModelError(f"vLLM answered {response.status_code}: {response.text[:500]}")
-        return response.json()
+        data = response.json()
+        if prompt is not None and prompt.messages is not None:
+            self._checked(prompt, data.get("prompt_token_ids"))
+        return data
 
-    def _stream(self, body: dict[str, Any], on_token: Any) -> list[int]:
+    def _checked(self, prompt: EnginePrompt, engine_ids: Any) -> None:
+        """The engine rendered and tokenised a chat request itself: its tokens must be the ones the
+        transformers backend (and calibration) sees, or the verdicts would silently drift."""
+        if engine_ids is None:
+            raise ModelError("vLLM did not return the prompt's token ids (`return_token_ids`); is it older than 0.11?")
+        got = tuple(int(t) for t in engine_ids)
+        if got != prompt.ids:
+            at = next((i for i, (a, b) in enumerate(zip(got, prompt.ids)) if a != b), min(len(got), len(prompt.ids)))
+            raise ModelError(
+                f"the engine's prompt differs from guardrail's at token {at} ({len(got)} vs {len(prompt.ids)} tokens): "
+                "serve the checkpoint's own chat template with `--chat-template-content-format openai`, and the "
+                f"same processor settings; engine {list(got[max(0, at - 3):at + 3])}, guardrail "
+                f"{list(prompt.ids[max(0, at - 3):at + 3])}")
+
+    def _stream(self, body: dict[str, Any], on_token: Any, prompt: EnginePrompt | None = None) -> list[int]:
         ids: list[int] = []
-        with self.client.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
+        checked = prompt is None or prompt.messages is None
+        with self.client.stream("POST", self._route(body), json={**body, "stream": True}) as response:
             if response.status_code != 200:
                 raise ModelError(f"vLLM answered {response.status_code}: {response.read()[:500]!r}")
             for line in response.iter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
+                if not checked:  # the first chunk carries the prompt's tokens
+                    self._checked(prompt, chunk.get("prompt_token_ids"))
+                    checked = True
                 for choice in chunk.get("choices", []):
                     for token in choice.get("token_ids") or []:
                         ids.append(int(token))
@@ -531,11 +654,12 @@ class VllmBackend:
         bodies = []
         for row, plan in zip(rows, plans):
             extra = self.xargs(plan)
-            bodies.append(self._body(self.prompt_ids(row), max_new_tokens, **({"vllm_xargs": extra} if extra else {})))
+            prompt = self.prompt(row)
+            bodies.append((self._body(prompt, max_new_tokens, **({"vllm_xargs": extra} if extra else {})), prompt))
         eos = set(self.eos_token_ids())
 
-        def one(item: tuple[int, dict[str, Any]]) -> Generation:
-            index, body = item
+        def one(item: tuple[int, tuple[dict[str, Any], EnginePrompt]]) -> Generation:
+            index, (body, prompt) = item
             if on_tokens is not None:
                 finished = [False]
 
@@ -545,9 +669,9 @@ class VllmBackend:
                         return
                     on_tokens(index, token)
 
-                ids = self._stream(body, on_token)
+                ids = self._stream(body, on_token, prompt)
             else:
-                ids = list(self._post(body)["choices"][0]["token_ids"])
+                ids = list(self._post(body, prompt)["choices"][0]["token_ids"])
             kept, reason = self._trim(ids)
             return Generation(text=self.decode(kept), token_ids=kept, finish_reason=reason)
 
@@ -594,9 +718,9 @@ class VllmBackend:
             xargs["guardrail_artifact"] = self.artifact_sha256
         n = int(readout.steps)
 
-        def one(prompt: list[int]) -> tuple[float, list[int]]:
+        def one(prompt: EnginePrompt) -> tuple[float, list[int]]:
             body = self._body(prompt, n + 2, ignore_eos=True, stop_token_ids=[], vllm_xargs=xargs)
-            ids = list(self._post(body)["choices"][0]["token_ids"])
+            ids = list(self._post(body, prompt)["choices"][0]["token_ids"])
             if len(ids) != n + 2:
                 raise ModelError(f"the engine returned {len(ids)} tokens for a readout of {n} steps (is guardrail's "
                                  "logits processor loaded?)")
@@ -605,25 +729,27 @@ class VllmBackend:
                 raise ModelError("the engine's readout tokens are out of range (is guardrail's logits processor loaded?)")
             return (hi * base + lo) / (base * base - 1), ids[:n]
 
-        parts = self._map(one, [self.prompt_ids(r) for r in rows])
+        parts = self._map(one, [self.prompt(r) for r in rows])
         values = torch.tensor([p[0] for p in parts], dtype=torch.float64)
         return values, torch.tensor([p[1] for p in parts], dtype=torch.long)
 
     def _logprob_pass(self, rows: Sequence[ChatRow], steps: int) -> RiskPass:
         vocab = self.adapter.vocab_size
         top = self.risk_top_logprobs if self.risk_top_logprobs and self.risk_top_logprobs < vocab else None
-        prompts = [self.prompt_ids(r) for r in rows]
+        prompts = [self.prompt(r) for r in rows]
 
-        def one(prompt: list[int], k: int | None) -> tuple[torch.Tensor, list[int], float]:
-            body = self._body(prompt, steps, min_tokens=steps, logprobs=-1 if k is None else k,
-                              return_tokens_as_token_ids=True)
-            choice = self._post(body)["choices"][0]
-            tops = choice["logprobs"]["top_logprobs"]
+        def one(prompt: EnginePrompt, k: int | None) -> tuple[torch.Tensor, list[int], float]:
+            asked = -1 if k is None else k
+            # the two endpoints ask for and return log-probabilities in their own shapes
+            extra = {"logprobs": asked} if prompt.messages is None else {"logprobs": True, "top_logprobs": asked}
+            body = self._body(prompt, steps, min_tokens=steps, return_tokens_as_token_ids=True, **extra)
+            choice = self._post(body, prompt)["choices"][0]
+            tops = step_logprobs(choice["logprobs"])
             if len(tops) != steps:
                 raise ModelError(f"vLLM returned log-probabilities for {len(tops)} steps, not {steps}")
             out = torch.full((steps, vocab), float("-inf"))
             for n, entries in enumerate(tops):
-                ids = torch.tensor([int(key.rsplit(":", 1)[1]) for key in entries], dtype=torch.long)
+                ids = torch.tensor(list(entries), dtype=torch.long)
                 out[n, ids] = torch.tensor(list(entries.values()), dtype=torch.float32)
             bound = 0.0 if k is None else _top_k_fill(out)
             return out, list(choice["token_ids"]), bound
@@ -637,6 +763,58 @@ class VllmBackend:
         logits = torch.stack([p[0] for p in parts])
         tokens = torch.tensor([p[1][:steps] for p in parts], dtype=torch.long)
         return RiskPass(step_logits=logits, tokens=tokens)
+
+
+@dataclass(frozen=True)
+class EnginePrompt:
+    """One row as the engine gets it: token ids, and for a row with images the chat messages."""
+
+    ids: tuple[int, ...]
+    messages: list[dict[str, Any]] | None = None
+
+
+def chat_messages(messages: list[dict[str, Any]], images: Sequence[Any]) -> list[dict[str, Any]]:
+    """An adapter's chat messages ({"type": "image"} parts, in order) in the OpenAI form vLLM's chat
+    endpoint takes: each image part becomes an image_url part carrying that image as a PNG data
+    URL (lossless, so the engine's processor sees the same pixels)."""
+    images = list(images)
+    out = []
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                if part.get("type") == "image":
+                    if not images:
+                        raise ModelError("a chat message has more image parts than the row has images")
+                    parts.append({"type": "image_url", "image_url": {"url": png_data_url(images.pop(0))}})
+                else:
+                    parts.append(dict(part))
+            content = parts
+        out.append({**message, "content": content})
+    if images:
+        raise ModelError(f"{len(images)} image(s) of the row have no place in its chat messages")
+    return out
+
+
+def png_data_url(image: Any) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def step_logprobs(logprobs: dict[str, Any]) -> list[dict[int, float]]:
+    """Per greedy step, token id -> log-probability, from either endpoint's answer (tokens as
+    `token_id:N`): completions give `top_logprobs` [{token: logprob}], chat gives `content`
+    [{top_logprobs: [{token, logprob}]}]."""
+    if "content" in logprobs:
+        return [{_token_id(e["token"]): float(e["logprob"]) for e in step["top_logprobs"]}
+                for step in logprobs["content"] or []]
+    return [{_token_id(key): float(value) for key, value in entries.items()} for entries in logprobs["top_logprobs"]]
+
+
+def _token_id(token: str) -> int:
+    return int(token.rsplit(":", 1)[1])
 
 
 def _top_k_fill(out: torch.Tensor) -> float:
@@ -681,10 +859,14 @@ def build(model: str, artifacts_dir: str | Path | None = None, *, url: str | Non
         folder = Path(model).expanduser()
         if not (folder / "config.json").is_file():
             raise ModelError(f"the vLLM backend needs a local transformers folder with safetensors (or 'smollm2'); got {model!r}")
-    adapter = HeadlessAdapter(folder, model)
+    adapter = headless_adapter(folder, model)
     art = load_artifacts(artifacts_dir, adapter.fingerprint()) if artifacts_dir is not None else None
     if url is not None:
         return VllmBackend(folder, art, url=url, states_url=states_url, name=model, risk_top_logprobs=risk_top_logprobs)
+    if adapter.supports_images:  # the states model wraps text-only architectures (vllm_states_model)
+        if states_layers:
+            raise ModelError(f"the states server serves text-only checkpoints; {model} is a vision-language model")
+        states_layers = []
     layers = artifact_layers(art) if states_layers is None else sorted(int(l) for l in states_layers)
     servers: list[VllmServer] = []
     try:

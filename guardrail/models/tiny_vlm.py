@@ -477,9 +477,35 @@ BUILDERS: dict[str, Callable[..., tuple[Any, Any, Any]]] = {
 }
 
 
-def build(arch: str, seed: int = 0, *, image_tokens: int | None = None, tokenizer: str = "bytes") -> tuple[Any, Any, Any]:
+def build(arch: str, seed: int = 0, *, image_tokens: int | None = None, tokenizer: str = "bytes",
+          text_head_dim: int | None = None) -> tuple[Any, Any, Any]:
     """`BUILDERS[arch]` with a clear error for an unknown arch, e.g. for a benchmark that wants the
-    real image-token count: `build("llava", image_tokens=576)`; wrap it with `adapter_for`."""
+    real image-token count: `build("llava", image_tokens=576)`; wrap it with `adapter_for`.
+    `text_head_dim`: the text decoder's attention head size (HIDDEN must be a multiple), with one
+    key/value head; vLLM's CPU attention needs at least 32, the default layout has 16."""
     if arch not in BUILDERS:
         raise ModelError(f"unknown tiny VLM architecture {arch!r}; known: {', '.join(sorted(BUILDERS))}")
-    return BUILDERS[arch](seed, image_tokens=image_tokens, tokenizer=tokenizer)
+    model, tok, processor = BUILDERS[arch](seed, image_tokens=image_tokens, tokenizer=tokenizer)
+    if text_head_dim is not None:
+        text = model.config.get_text_config()
+        if text_head_dim < 1 or text.hidden_size % text_head_dim:
+            raise ModelError(f"text_head_dim must divide the hidden size {text.hidden_size}, got {text_head_dim}")
+        text.num_attention_heads, text.num_key_value_heads, text.head_dim = text.hidden_size // text_head_dim, 1, text_head_dim
+        generation = model.generation_config
+        model = _build(type(model), model.config, seed, tok)
+        model.generation_config = generation
+    return model, tok, processor
+
+
+def save(arch: str, folder: Any, seed: int = 0, **kwargs: Any) -> Any:
+    """Write a tiny VLM as a checkpoint folder (weights, config, tokenizer, processor), e.g. for a
+    serving engine that loads models from disk: `save("idefics3", dir, tokenizer="smollm2",
+    text_head_dim=32)` is one vLLM's CPU build serves. Returns the folder."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    model, tok, processor = build(arch, seed, **kwargs)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

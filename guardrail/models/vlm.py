@@ -156,14 +156,21 @@ class VLMAdapter(ModelAdapter):
         )
 
     def prompt_text(self, row: ChatRow) -> str:
+        return self.rendered(row)[1]
+
+    def rendered(self, row: ChatRow) -> tuple[list[dict[str, Any]], str]:
+        """The chat messages a row is rendered from and the prompt text (a serving engine that
+        renders the template itself gets the same messages)."""
+        messages = self.messages(row)
         if not row.system or not self.supports_system:
-            return self._render(self.messages(row))
+            return messages, self._render(messages)
         from jinja2 import TemplateError
 
         try:
-            return self._render(self.messages(row))
+            return messages, self._render(messages)
         except TemplateError:  # this checkpoint's template refuses a system turn
-            return self._render(self.messages(row, system_turn=False))
+            messages = self.messages(row, system_turn=False)
+            return messages, self._render(messages)
 
     # ----- batches -------------------------------------------------------------------------------
     def _check_rows(self, rows: Sequence[ChatRow]) -> list[ChatRow]:
