@@ -46,10 +46,6 @@ against guardrail's own encoding. Decoder-layer states are for text-only checkpo
 from __future__ import annotations
 
 import atexit
-import base64
-import functools
-import hashlib
-import io
 import json
 import math
 import os
@@ -61,7 +57,6 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -69,10 +64,11 @@ import torch
 
 from guardrail.engine.backend import RiskPass, TokenCallback
 from guardrail.engine.interventions import LogitInterpolation, SteeringPlan, rows_with, unsupported
+from guardrail.engine.vllm_host import HeadlessAdapter, checkpoint_architecture, headless_adapter, is_vlm_checkpoint  # noqa: F401
+from guardrail.engine.vllm_requests import EnginePrompt, chat_messages, png_data_url, step_logprobs  # noqa: F401
 from guardrail.engine.vllm_states import StatesClient, artifact_layers, states_server_args
 from guardrail.errors import ArtifactError, ModelError
 from guardrail.method.artifacts import Artifacts
-from guardrail.models.base import ModelAdapter
 from guardrail.types import ChatRow, Generation
 
 PROCESSOR_MODULE = "guardrail_vllm_processor"
@@ -108,160 +104,6 @@ def processor_dir(dest: str | Path | None = None) -> Path:
     (record / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {STATES_MODULE}\nVersion: {PLUGIN_VERSION}\n")
     (record / "entry_points.txt").write_text(f"[vllm.general_plugins]\n{STATES_MODULE} = {STATES_MODULE}:register\n")
     return folder
-
-
-# ----- the host side of the model: tokenizer, config, fingerprint; no weights -------------------
-class _Stub:
-    def __init__(self, config: Any, generation_config: Any):
-        self.config = config
-        self.generation_config = generation_config
-
-
-class HeadlessAdapter(ModelAdapter):
-    """A `ModelAdapter` without the model: chat template, tokenizer, EOS ids and the fingerprint
-    (computed from the checkpoint's header and two small tensors, exactly as `ModelAdapter` does
-    from the loaded weights), for a backend whose weights live in another process. Use
-    `headless_adapter(folder)`: for a vision-language checkpoint it is mixed with the family's
-    adapter (guardrail.models.vlm), so prompts, image placement and image-shape limits are that
-    family's, and the processor is loaded (no weights) to encode rows exactly as transformers does."""
-
-    def __init__(self, folder: Path, name: str):
-        from transformers import AutoConfig, AutoTokenizer, GenerationConfig
-
-        from guardrail.models import vlm
-
-        self.folder = folder
-        config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
-        try:
-            gen = GenerationConfig.from_pretrained(str(folder), local_files_only=True)
-        except OSError:
-            gen = None
-        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-        processor = vlm.load_processor(folder, config) if config.model_type in vlm.ADAPTERS else None
-        super().__init__(_Stub(config, gen), tok, processor, name=name)
-        self._tensors = self._tensor_index()
-
-    def _float_dtype(self) -> torch.dtype:  # the engine runs float32 (`--dtype float32`)
-        return torch.float32
-
-    def _tensor_index(self) -> dict[str, Path]:
-        from safetensors import safe_open
-
-        files = sorted(self.folder.glob("*.safetensors"))
-        if not files:
-            raise ModelError(f"{self.folder} has no .safetensors weights: vLLM and the fingerprint need them")
-        index: dict[str, Path] = {}
-        for path in files:
-            with safe_open(str(path), "pt") as fh:
-                for key in fh.keys():
-                    index[key] = path
-        return index
-
-    def _tensor(self, key: str, rows: int | None = None) -> torch.Tensor:
-        from safetensors import safe_open
-
-        with safe_open(str(self._tensors[key]), "pt") as fh:
-            part = fh.get_slice(key)
-            return part[:rows] if rows is not None else part[:]
-
-    def _text_prefixes(self) -> list[str]:
-        # where checkpoints keep the text decoder: text models, VLMs as transformers 5 names them
-        # (model.<text_attr>), and the original layout some families are saved in (language_model.model)
-        inner = getattr(self, "text_attr", None)
-        return ["model."] + ([f"model.{inner}."] if inner else []) + ["language_model.model."]
-
-    def _first_key(self, keys: Sequence[str]) -> str | None:
-        return next((key for key in keys if key in self._tensors), None)
-
-    def _head_key(self) -> str:
-        head = self._first_key(["lm_head.weight", "language_model.lm_head.weight"])
-        if head is not None:
-            return head
-        tied = getattr(self.text_config(), "tie_word_embeddings", False) or getattr(self.model.config, "tie_word_embeddings", False)
-        embed = self._first_key([p + "embed_tokens.weight" for p in self._text_prefixes()]) if tied else None
-        if embed is not None:
-            return embed
-        raise ModelError(f"{self.folder}: cannot find the unembedding (lm_head.weight) in the checkpoint")
-
-    def _norm_key(self) -> str | None:
-        return self._first_key([p + "norm.weight" for p in self._text_prefixes()])
-
-    @property
-    def num_layers(self) -> int:
-        return int(self.text_config().num_hidden_layers)
-
-    @property
-    def vocab_size(self) -> int:
-        from safetensors import safe_open
-
-        with safe_open(str(self._tensors[self._head_key()]), "pt") as fh:
-            return int(fh.get_slice(self._head_key()).get_shape()[0])
-
-    @property
-    def logits_are_affine(self) -> bool:
-        return not getattr(self.text_config(), "final_logit_softcapping", None)
-
-    def fingerprint(self) -> dict[str, Any]:
-        if self._fingerprint is None:
-            vocab = self.tokenizer.get_vocab()
-            tok_hash = hashlib.sha256(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode("utf-8")).hexdigest()
-            archs = getattr(self.model.config, "architectures", None) or ["?"]
-            digest = hashlib.sha256()
-            for key, rows in ((self._norm_key(), None), (self._head_key(), 16)):
-                if key is not None:
-                    digest.update(self._tensor(key, rows).float().contiguous().numpy().tobytes())
-            self._fingerprint = {
-                "architecture": archs[0], "family": self.family, "hidden_size": self.hidden_size,
-                "num_layers": self.num_layers, "vocab_size": self.vocab_size,
-                "tokenizer_sha256": tok_hash, "weights_sha256": digest.hexdigest(),
-            }
-        return dict(self._fingerprint)
-
-
-@functools.lru_cache(maxsize=None)
-def _headless_class(family: type) -> type:
-    return type(f"Headless{family.__name__}", (HeadlessAdapter, family), {"__doc__": HeadlessAdapter.__doc__})
-
-
-def headless_adapter(folder: Path, name: str) -> HeadlessAdapter:
-    """The weightless adapter for a checkpoint folder: text-only, or one of guardrail's VLM families
-    (whose prompts come from a chat template, as vLLM's chat endpoint renders them)."""
-    from guardrail.models import vlm
-
-    model_type = _model_type(folder)
-    family = vlm.ADAPTERS.get(model_type)
-    if family is None:
-        return HeadlessAdapter(folder, name)
-    if family.prompt_text is not vlm.VLMAdapter.prompt_text:
-        raise ModelError(f"the vLLM backend sends image rows as chat messages, which vLLM renders with the "
-                         f"checkpoint's chat template; {name} is a {model_type} model, whose prompt guardrail "
-                         "builds by hand, so its prompts could differ")
-    return _headless_class(family)(folder, name)
-
-
-def _model_type(folder: Path) -> str | None:
-    try:
-        return json.loads((folder / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError):
-        return None
-
-
-def is_vlm_checkpoint(folder: Path) -> bool:
-    """Whether a checkpoint's config.json names one of guardrail's vision-language families."""
-    from guardrail.models import vlm
-
-    return _model_type(folder) in vlm.ADAPTERS
-
-
-def checkpoint_architecture(folder: Path) -> str:
-    """The first architecture a checkpoint's config.json names (what the states server wraps)."""
-    try:
-        archs = json.loads((folder / "config.json").read_text()).get("architectures") or []
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot read {folder / 'config.json'}: {exc}") from exc
-    if not archs:
-        raise ModelError(f"{folder / 'config.json'} names no architecture")
-    return str(archs[0])
 
 
 # ----- a vLLM server this process owns ------------------------------------------------------------
@@ -327,6 +169,11 @@ class VllmServer:
         if self.states_layers is None:
             cmd += ["--max-logprobs", "-1", "--logits-processors", f"{PROCESSOR_MODULE}:{PROCESSOR_CLASS}",
                     "--served-model-name", "guardrail-engine"]
+            # KV blocks of 32 tokens (the CPU build's default is 128): prefix caching reuses only
+            # full blocks, and the risk prompts' common prefix (template + safety prompt, ~70 tokens
+            # on SmolLM2) fills none of 128, so every risk prompt was prefilled whole (measured:
+            # 0 cache hits; with 32, the risk pass's prefill for 32 rows 3.4 s -> 1.1 s)
+            cmd += ["--block-size", "32"]
             if self.chat:
                 # the adapters' chat templates iterate over content parts: vLLM must pass them as such
                 # (its "string" form joins an image placeholder and the text with a newline)
@@ -763,58 +610,6 @@ class VllmBackend:
         logits = torch.stack([p[0] for p in parts])
         tokens = torch.tensor([p[1][:steps] for p in parts], dtype=torch.long)
         return RiskPass(step_logits=logits, tokens=tokens)
-
-
-@dataclass(frozen=True)
-class EnginePrompt:
-    """One row as the engine gets it: token ids, and for a row with images the chat messages."""
-
-    ids: tuple[int, ...]
-    messages: list[dict[str, Any]] | None = None
-
-
-def chat_messages(messages: list[dict[str, Any]], images: Sequence[Any]) -> list[dict[str, Any]]:
-    """An adapter's chat messages ({"type": "image"} parts, in order) in the OpenAI form vLLM's chat
-    endpoint takes: each image part becomes an image_url part carrying that image as a PNG data
-    URL (lossless, so the engine's processor sees the same pixels)."""
-    images = list(images)
-    out = []
-    for message in messages:
-        content = message["content"]
-        if isinstance(content, list):
-            parts = []
-            for part in content:
-                if part.get("type") == "image":
-                    if not images:
-                        raise ModelError("a chat message has more image parts than the row has images")
-                    parts.append({"type": "image_url", "image_url": {"url": png_data_url(images.pop(0))}})
-                else:
-                    parts.append(dict(part))
-            content = parts
-        out.append({**message, "content": content})
-    if images:
-        raise ModelError(f"{len(images)} image(s) of the row have no place in its chat messages")
-    return out
-
-
-def png_data_url(image: Any) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def step_logprobs(logprobs: dict[str, Any]) -> list[dict[int, float]]:
-    """Per greedy step, token id -> log-probability, from either endpoint's answer (tokens as
-    `token_id:N`): completions give `top_logprobs` [{token: logprob}], chat gives `content`
-    [{top_logprobs: [{token, logprob}]}]."""
-    if "content" in logprobs:
-        return [{_token_id(e["token"]): float(e["logprob"]) for e in step["top_logprobs"]}
-                for step in logprobs["content"] or []]
-    return [{_token_id(key): float(value) for key, value in entries.items()} for entries in logprobs["top_logprobs"]]
-
-
-def _token_id(token: str) -> int:
-    return int(token.rsplit(":", 1)[1])
 
 
 def _top_k_fill(out: torch.Tensor) -> float:
