@@ -2,9 +2,9 @@
 `vllm serve` (the CPU build, `make vllm-env`).
 
 The model is a tiny random Idefics3 on SmolLM2's real tokenizer, written to disk as a checkpoint
-with 32-wide attention heads (vLLM's CPU attention needs at least 32). Idefics3 and SmolVLM are the
-families vLLM's CPU build can load here: its LLaVA and Qwen-VL modules import torchvision, which
-has no build for this torch (../shared/serving-engines.md).
+with 32-wide attention heads (vLLM's CPU attention needs at least 32). Idefics3 is the family
+vLLM's CPU build can serve here: its LLaVA and Qwen-VL modules import torchvision, which has no
+build for this torch, and SmolVLM's processor does not load there (docs/serving.md).
 
 Image rows go to vLLM's chat endpoint: the engine renders the checkpoint's chat template and runs
 its processor, guardrail checks the prompt tokens it reports against its own. What must hold:

@@ -37,7 +37,7 @@ What runs where:
   policy whose assessors need layer states is refused when it loads (guardrail.pipeline.runtime).
 
 `interventions = {LogitInterpolation}`: additive steering and forced prefixes are refused at load.
-Images (Idefics3/SmolVLM-style checkpoints whose prompts come from a chat template): a row with
+Images (VLM families whose prompts come from a chat template; Idefics3 is tested): a row with
 images goes to vLLM's chat endpoint as the adapter's chat messages with the images inline; the
 engine renders the template and runs its processor, and the prompt tokens it reports are checked
 against guardrail's own encoding. Decoder-layer states are for text-only checkpoints.
