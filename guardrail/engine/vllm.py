@@ -399,7 +399,7 @@ class VllmBackend:
                                 "return_token_ids": True}
         if prompt.messages is None:
             body["prompt"] = list(prompt.ids)
-        else:  # the chat endpoint: vLLM renders the template, the ids travel only to be checked
+        else:  # the chat endpoint: vLLM renders the template; the ids stay here to check its tokens
             body["messages"] = prompt.messages
             body["add_generation_prompt"] = True
         body.update(extra)
@@ -423,7 +423,8 @@ class VllmBackend:
         """The engine rendered and tokenised a chat request itself: its tokens must be the ones the
         transformers backend (and calibration) sees, or the verdicts would silently drift."""
         if engine_ids is None:
-            raise ModelError("vLLM did not return the prompt's token ids (`return_token_ids`); is it older than 0.11?")
+            raise ModelError("vLLM did not return the prompt's token ids (`return_token_ids`), so what it rendered "
+                             "cannot be checked; this vLLM is too old for image rows")
         got = tuple(int(t) for t in engine_ids)
         if got != prompt.ids:
             at = next((i for i, (a, b) in enumerate(zip(got, prompt.ids)) if a != b), min(len(got), len(prompt.ids)))
