@@ -275,11 +275,13 @@ class VllmBackend:
         risk_tolerance: float = 1e-4,
         states_url: str | None = None,
         states_server: "VllmServer | None" = None,
+        adapter: HeadlessAdapter | None = None,
     ):
         import httpx
 
         self.model_dir = Path(model_dir)
-        self.adapter = headless_adapter(self.model_dir, name or str(model_dir))
+        # `adapter`: one already read from this folder (build() reads it to bind the artifact)
+        self.adapter = adapter or headless_adapter(self.model_dir, name or str(model_dir))
         self.name = self.adapter.name
         self.artifacts = artifacts
         # image rows go to vLLM's chat endpoint (the server renders the same template; see prompt())
@@ -658,7 +660,8 @@ def build(model: str, artifacts_dir: str | Path | None = None, *, url: str | Non
     adapter = headless_adapter(folder, model)
     art = load_artifacts(artifacts_dir, adapter.fingerprint()) if artifacts_dir is not None else None
     if url is not None:
-        return VllmBackend(folder, art, url=url, states_url=states_url, name=model, risk_top_logprobs=risk_top_logprobs)
+        return VllmBackend(folder, art, url=url, states_url=states_url, name=model, risk_top_logprobs=risk_top_logprobs,
+                           adapter=adapter)
     if adapter.supports_images:  # the states model wraps text-only architectures (vllm_states_model)
         if states_layers:
             raise ModelError(f"the states server serves text-only checkpoints; {model} is a vision-language model")
@@ -671,7 +674,7 @@ def build(model: str, artifacts_dir: str | Path | None = None, *, url: str | Non
             servers.append(VllmServer(folder, None, states_layers=layers, wait=False, **server_kwargs))
         for server in servers:
             server.wait_ready()
-        return VllmBackend(folder, art, server=servers[0], states_server=servers[1] if layers else None,
+        return VllmBackend(folder, art, server=servers[0], states_server=servers[1] if layers else None, adapter=adapter,
                            name=model, risk_top_logprobs=risk_top_logprobs)
     except BaseException:
         for server in servers:
