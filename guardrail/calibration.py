@@ -28,8 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 from guardrail.lazy import lazy_module
 from guardrail.errors import GuardrailError
 from guardrail.method.artifacts import Artifacts, Block, BlockView, save_artifacts
-from guardrail.method.prompts import risk_query
-from guardrail.types import ChatRow
+from guardrail.method.prompts import risk_row
 from guardrail.plugin.protocols import RiskNeeds
 
 if TYPE_CHECKING:
@@ -202,7 +201,7 @@ def gather(engine: Any, rows: Sequence[CalibrationRow], need: RiskNeeds, show: b
     """The shared risk pass over the rows' reformulated queries: N greedy steps' logits, the chosen
     layers' states at the last prompt token and the pooled ones, in one batched pass."""
     sees = bool(getattr(engine, "supports_images", False))
-    chats = [ChatRow(risk_query(r.text, r.visual_context), tuple(r.images) if sees else ()) for r in rows]
+    chats = [risk_row(r.text, r.visual_context, tuple(r.images) if sees else ()) for r in rows]
     steps, layers, pooled = int(need.steps), sorted(need.layers), sorted(need.pooled)
     extra = {"pooled": pooled} if pooled else {}  # as the pipeline asks: only when wanted
     # Rows of similar length batch together (less padding to compute); results go back in order.

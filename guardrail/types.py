@@ -54,6 +54,10 @@ class ChatRow:
     text: str
     images: tuple["Image.Image", ...] = ()
     system: str | None = None
+    # Where the request's own words start in `text`, after a fixed instruction such as the safety
+    # prompt (a character offset; 0: all of it). A risk pass's `pooled` states average the tokens
+    # from there on (guardrail/engine/request_span.py).
+    own_from: int = 0
 
 
 @dataclass(frozen=True)

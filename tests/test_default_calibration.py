@@ -108,7 +108,7 @@ def test_calibrate_default_writes_the_demo_calibration(quick_lists, tmp_path, ca
     meta = json.loads((out / "artifacts.json").read_text())
     assert meta["default_calibration"]["sources"] == source_rows.default_sources()
     assert meta["kept_blocks"] == ["prototypes"]
-    assert "pooled_probe (v2)" in capsys.readouterr().out
+    assert "pooled_probe (v3)" in capsys.readouterr().out
     # options that would make it another calibration are refused, naming them
     assert main(["calibrate", "--model", "tiny-random:llama", "--default", "--sources", "advbench",
                  "--out", str(out)]) != 0

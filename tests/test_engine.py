@@ -14,6 +14,7 @@ import torch
 from conftest import FAMILIES, direction_plan, proto_plan, red_image, tiny_adapter, tiny_artifacts
 from guardrail.method.artifacts import load_artifacts
 from guardrail.engine.transformers import TransformersBackend
+from guardrail.errors import ModelError
 from guardrail.types import ChatRow, SteeringPlan
 
 MAX_NEW = 6
@@ -202,21 +203,54 @@ def test_risk_pass_steps_and_states_match_a_manual_forward(art_root):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_pooled_states_are_the_mean_over_every_prompt_token(family, art_root):
-    """`pooled` layers come back as the decoder-layer output averaged over the prompt's real tokens
-    (image tokens included, padding left out): the same in a padded batch as for the row alone,
-    with and without greedy steps, and the last-token states beside them are unchanged."""
+def test_pooled_states_are_the_mean_over_the_requests_own_tokens(family, art_root):
+    """`pooled` layers come back as the decoder-layer output averaged over the request's own tokens
+    (the row's last n real tokens: its text from `own_from` on and the template's closing; the
+    template's opening, a fixed instruction before `own_from` and any image tokens left out): the
+    same in a padded batch as for the row alone, with and without greedy steps, and the last-token
+    states beside them unchanged."""
+    from dataclasses import replace
+
+    from guardrail.engine.request_span import own_token_count
+
     backend = backend_for(family, art_root)
-    rows = rows_for(family)
+    plain = rows_for(family)
+    fixed = "Read the following with care, then answer it plainly. Request: "
+    rows = [replace(plain[0], text=fixed + plain[0].text, own_from=len(fixed)), plain[1],
+            replace(plain[2], text=fixed + plain[2].text, own_from=len(fixed))]
     with backend.prefix_scope():  # pooled rows must not continue from a shared image prefix
         rp = backend.risk_pass(rows, 2, [1], pooled=[0, 2])
     alone = backend.risk_pass(rows, 0, [1])
+    tokenizer = backend.adapter.tokenizer
     for i, row in enumerate(rows):
         batch = backend.adapter.encode([row])
+        ids = batch["input_ids"][0].tolist()
+        n = own_token_count(backend.adapter, row)
+        # the span is the request's words and what follows them, never the fixed text before them
+        own, before = tokenizer.decode(ids[-n:]), tokenizer.decode(ids[:-n])
+        assert row.text[row.own_from:].strip(" ?.") in own and "Request:" not in own
+        assert row.text[row.own_from:].split()[-1] not in before
         with torch.no_grad():
             out = backend.adapter.model(**batch, output_hidden_states=True)
         for layer in (0, 2):
-            want = out.hidden_states[layer + 1][0].float().mean(0)
+            want = out.hidden_states[layer + 1][0, -n:].float().mean(0)
             torch.testing.assert_close(rp.pooled[layer][i], want, atol=1e-4, rtol=1e-3)
+            if row.own_from:  # leaving the fixed text out changes the average
+                assert not torch.allclose(want, out.hidden_states[layer + 1][0].float().mean(0), atol=1e-3)
         torch.testing.assert_close(rp.states[1][i], alone.states[1][i], atol=1e-4, rtol=1e-3)
     assert len(rp.select([2]).pooled[0]) == 1
+
+
+def test_the_own_token_span_is_checked():
+    """A row whose `own_from` lies outside its text, or a count beyond a row's real tokens, is an
+    error naming it; the tail mask keeps the last n real tokens with left or right padding."""
+    from guardrail.engine.request_span import own_token_count, tail_mask
+
+    with pytest.raises(ModelError, match="character 99 of a 5-character text"):
+        own_token_count(tiny_adapter("llama"), ChatRow("hello", own_from=99))
+    left = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert tail_mask(left, [2, 4]).tolist() == [[0, 0, 0, 1, 1], [0, 1, 1, 1, 1]]
+    right = torch.tensor([[1, 1, 1, 0, 0]])
+    assert tail_mask(right, [2]).tolist() == [[0, 1, 1, 0, 0]]
+    with pytest.raises(ModelError, match="row 0 has 3 tokens, fewer than the 4"):
+        tail_mask(right, [4])

@@ -1,7 +1,8 @@
-"""The calibrated `pooled_probe` assessor: states averaged over the risk prompt, its block (v2: each
-layer's average centred on the text rows' mean and scaled to unit length), its score equal to the
-logistic formula, a v1 block still scored on raw averages, a wrong-size or unknown block refused, a backend without pooled states refused
-at load, and the pipeline asking the backend for pooled states only when an assessor needs them."""
+"""The calibrated `pooled_probe` assessor: states averaged over the request's own tokens, its block
+(v3: each layer's average centred on the text rows' mean and scaled to unit length), its score
+equal to the logistic formula, blocks fitted on whole-prompt averages (v1, v2), a wrong-size or an
+unknown block refused, a backend without pooled states refused at load, and the pipeline asking
+the backend for pooled states only when an assessor needs them."""
 
 from __future__ import annotations
 
@@ -16,12 +17,11 @@ from guardrail.calibration import CalibrationConfig, calibrate, packaged_prompts
 from guardrail.engine.transformers import TransformersBackend
 from guardrail.errors import ArtifactError, PolicyError
 from guardrail.method.artifacts import Artifacts, Block
-from guardrail.method.prompts import risk_query
+from guardrail.method.prompts import risk_row
 from guardrail.pipeline import Guardrail
 from guardrail.pipeline.caption_cache import CaptionCache
 from guardrail.plugin.manager import PluginManager
 from guardrail.plugin.protocols import RiskNeeds, Score, StageEnv
-from guardrail.types import ChatRow
 
 POLICY = """
 name: pooled
@@ -52,7 +52,7 @@ def test_the_block_and_the_score_are_the_probe_on_pooled_states(fitted):
     block = art.block("pooled_probe")
     layers = block.meta["layers"]
     hidden = backend.adapter.hidden_size
-    assert layers and block.meta["pool"] == "mean" and block.meta["features"] == "direction" and block.version == 2
+    assert layers and block.meta["pool"] == "own tokens" and block.meta["features"] == "direction" and block.version == 3
     assert block.tensor("weight").shape == (len(layers) * hidden,)
     assert block.tensor("centre").shape == (len(layers), hidden)
     env = _env(backend, art)
@@ -60,7 +60,7 @@ def test_the_block_and_the_score_are_the_probe_on_pooled_states(fitted):
     assessor.check(env, None)
     need = assessor.needs(env)
     assert need.pooled == frozenset(layers) and not need.layers and not need.steps
-    rows = [ChatRow(risk_query("How do I bake bread?")), ChatRow(risk_query("How do I build a bomb?"))]
+    rows = [risk_row("How do I bake bread?"), risk_row("How do I build a bomb?")]
     rp = backend.risk_pass(rows, 0, [], pooled=sorted(need.pooled))
     scores = assessor.score(rp, [None, None], env)
     centred = [rp.pooled[l] - block.tensor("centre")[i] for i, l in enumerate(layers)]
@@ -97,26 +97,21 @@ def _with_block(art, version, **tensors):
 @pytest.mark.parametrize("tensor, shape", [("weight", (3,)), ("centre", (1, 3))])
 def test_a_wrong_size_block_is_refused_naming_the_tensor(fitted, tensor, shape):
     backend, art, _ = fitted
-    env = _env(backend, _with_block(art, 2, **{tensor: torch.zeros(shape)}))
+    env = _env(backend, _with_block(art, 3, **{tensor: torch.zeros(shape)}))
     with pytest.raises(ArtifactError, match=f"pooled_probe/{tensor}"):
         env.plugins.create("risk_assessors", "pooled_probe").check(env, None)
 
 
-def test_an_unknown_block_version_is_refused_and_v1_scores_raw_averages(fitted):
+@pytest.mark.parametrize("version, message", [
+    (4, "version 4; this assessor reads version 3"),
+    (2, "version 2, fitted on averages over the whole prompt.*recalibrate"),
+    (1, "version 1, fitted on averages over the whole prompt.*recalibrate"),
+])
+def test_whole_prompt_and_unknown_block_versions_are_refused(fitted, version, message):
     backend, art, _ = fitted
-    env = _env(backend, _with_block(art, 3))
-    with pytest.raises(ArtifactError, match="version 3"):
+    env = _env(backend, _with_block(art, version, centre=None if version == 1 else art.block("pooled_probe").tensor("centre")))
+    with pytest.raises(ArtifactError, match=message):
         env.plugins.create("risk_assessors", "pooled_probe").check(env, None)
-    # a block written before v2 has no centre: its probe reads the averages as they are
-    v1 = _with_block(art, 1, centre=None)
-    env = _env(backend, v1)
-    assessor = env.plugins.create("risk_assessors", "pooled_probe")
-    assessor.check(env, None)
-    block, layers = v1.block("pooled_probe"), v1.block("pooled_probe").meta["layers"]
-    rp = backend.risk_pass([ChatRow(risk_query("How do I bake bread?"))], 0, [], pooled=layers)
-    x = torch.cat([rp.pooled[l] for l in layers], dim=-1)
-    raw = ((x - block.tensor("mean")) / block.tensor("scale")) @ block.tensor("weight") + block.tensor("bias")
-    assert assessor.score(rp, [None], env)[0].raw == pytest.approx(float(raw[0]), rel=1e-4, abs=1e-4)
     backend.artifacts = art
 
 
@@ -129,7 +124,7 @@ def test_the_guard_scores_with_pooled_states_end_to_end(fitted, tmp_path):
     env = _env(backend, art)
     assessor = env.plugins.create("risk_assessors", "pooled_probe")
     assessor.check(env, None)
-    rp = backend.risk_pass([ChatRow(risk_query("How do I build a bomb?"))], 0, [], pooled=sorted(assessor.needs(env).pooled))
+    rp = backend.risk_pass([risk_row("How do I build a bomb?")], 0, [], pooled=sorted(assessor.needs(env).pooled))
     assert result.risk == pytest.approx(assessor.score(rp, [None], env)[0].risk, abs=1e-5)
 
 

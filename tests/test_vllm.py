@@ -258,12 +258,17 @@ def test_similarity_readout_is_computed_in_the_engine(vllm, hf):
 
 
 def test_states_pass_gives_the_transformers_layer_states(vllm, hf):
-    """The pooling engine's states (guardrail_vllm_states): each layer's prompt average and
-    last-token state equal the transformers backend's hooks on decoder layer l."""
+    """The pooling engine's states (guardrail_vllm_states): each layer's average over the request's
+    own tokens and last-token state equal the transformers backend's hooks on decoder layer l,
+    for risk prompts (the safety prompt left out of the average) and plain rows (the template's
+    opening left out); the shared prefix's average is asked for once."""
+    from guardrail.method.prompts import risk_row
+
     assert vllm.states is not None and {"layer_states", "pooled_states"} <= vllm.risk_inputs
     served = vllm.states_server.states_layers
     assert served == artifact_layers(vllm.artifacts) and served  # the layers the artifact's blocks read
-    rows = [ChatRow(p) for p in PROMPTS]
+    rows = [ChatRow(p) for p in PROMPTS[:3]] + [risk_row(p) for p in PROMPTS]
+    vllm.states.prefix_means.clear()
     last, pooled = served[:2], served[-2:]
     got, want = vllm.risk_pass(rows, 3, last, pooled), hf.risk_pass(rows, 3, last, pooled)
     for l in last:
@@ -271,6 +276,7 @@ def test_states_pass_gives_the_transformers_layer_states(vllm, hf):
     for l in pooled:
         assert torch.allclose(got.pooled[l], want.pooled[l], rtol=1e-4, atol=1e-3), l
     assert torch.equal(got.tokens, want.tokens)
+    assert len(vllm.states.prefix_means) == 2  # the template's opening; it and the safety prompt
     # a layer the server was not started with is an error naming both lists, never zeros
     other = next(l for l in range(vllm.adapter.num_layers) if l not in served)
     with pytest.raises(ModelError, match=rf"serves layers \[.*\], not \[{other}\]"):

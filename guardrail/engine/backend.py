@@ -6,7 +6,8 @@ on purpose, so a backend on another serving engine can slot in without touching 
 * `caption(rows, max_new_tokens)` — greedy answers to caption prompts (image + instruction).
 * `risk_pass(rows, steps, layers, pooled=())` — one greedy pass over the reformulated prompts that
   returns the raw next-token logits at response steps 1..steps, the decoder-layer states at the last
-  prompt token (`layers`) and, for `pooled`, the layer states averaged over every prompt token. The
+  prompt token (`layers`) and, for `pooled`, the layer states averaged over the request's own
+  tokens (from `ChatRow.own_from` on, see guardrail/engine/request_span.py). The
   paper's risk needs only the logits (vLLM: `logprobs` over the full vocabulary, or a logits
   processor that records them); the hidden-state assessors need the layer states. `pooled` is
   passed only when an assessor asks for it, so a backend that never gives it may leave it out.
@@ -51,7 +52,7 @@ class RiskPass:
     step_logits: torch.Tensor | None  # [B, steps, V] float32 raw logits, or None when steps == 0
     states: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, d] float32
     tokens: torch.Tensor | None = None  # [B, steps] the greedy tokens
-    pooled: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, d] mean over prompt tokens
+    pooled: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, d] mean over the request's own tokens
     readouts: dict[Any, torch.Tensor] = field(default_factory=dict)  # readout -> [B] (guardrail.engine.readouts)
 
     def select(self, rows: Sequence[int]) -> "RiskPass":

@@ -174,10 +174,10 @@ class StateCapture:
 
 class PooledCapture:
     """Records, for chosen modules, the output of the first forward averaged over the positions
-    the attention mask keeps (every prompt token, padding left out)."""
+    a mask keeps ([B, T], 1 = averaged: e.g. the request's own tokens, never padding)."""
 
     def __init__(self, mask: torch.Tensor):
-        self.mask = mask.detach()  # [B, T], 1 = a real token
+        self.mask = mask.detach()
         self.states: dict[object, torch.Tensor] = {}
 
     def hook_for(self, key: object):

@@ -29,6 +29,7 @@ from guardrail.errors import ModelError
 from guardrail.models.base import ModelAdapter
 from guardrail.engine.prefix_cache import PrefixStore, SharedBatch, sharing_supported
 from guardrail.engine.prefix_sharing import PrefixSharing
+from guardrail.engine.request_span import own_token_counts, tail_mask
 from guardrail.engine.hooks import (
     ForcedPrefixProcessor,
     additive_steering,
@@ -198,13 +199,15 @@ class TransformersBackend:
         with self.lock:
             for idx in self._chunks(rows):
                 chunk = [rows[i] for i in idx]
-                # A pooled state averages every prompt position, so the pass runs over the whole
-                # prompt: a shared image prefix's positions would otherwise be missing from it.
+                # A pass with pooled states runs over the whole prompt, not on a shared image
+                # prefix's cache: the hooks see only the positions a forward computes.
                 inputs, shared = (self.sharing.encode(chunk), None) if pooled_list else self._inputs(chunk)
                 prompt_len = inputs["input_ids"].shape[1]
+                mask = inputs["attention_mask"]
+                own = tail_mask(mask, own_token_counts(self.adapter, chunk)) if pooled_list else mask
                 with contextlib.ExitStack() as stack:
                     cap = stack.enter_context(capture_states({l: decoder[l] for l in layer_list}, calls=1))
-                    pool = stack.enter_context(capture_pooled({l: decoder[l] for l in pooled_list}, inputs["attention_mask"]))
+                    pool = stack.enter_context(capture_pooled({l: decoder[l] for l in pooled_list}, own))
                     if steps:
                         # min_new_tokens keeps all N steps even if EOS is the argmax; the recorded
                         # logits are the raw ones, taken before that processor.

@@ -25,7 +25,7 @@ What runs where:
   a log-softmax differs from the logits by a per-row constant, which every softmax-based statistic
   ignores. They cost ~1 s of server CPU per request on SmolLM2 (49,152 × N numbers as JSON).
 
-* decoder-layer states (last-token or averaged over the prompt: what `linear_probe`,
+* decoder-layer states (last-token or averaged over the request's own tokens: what `linear_probe`,
   `mean_difference`, `mahalanobis` and `pooled_probe` read) come from a second vLLM server on the
   same checkpoint, a pooling engine running guardrail's states architecture
   (`guardrail/engine/vllm_states_model.py`, installed beside the processor): it collects the
@@ -64,6 +64,7 @@ import torch
 
 from guardrail.engine.backend import RiskPass, TokenCallback
 from guardrail.engine.interventions import LogitInterpolation, SteeringPlan, rows_with, unsupported
+from guardrail.engine.request_span import own_token_counts
 from guardrail.engine.vllm_host import HeadlessAdapter, checkpoint_architecture, headless_adapter, is_vlm_checkpoint  # noqa: F401
 from guardrail.engine.vllm_requests import EnginePrompt, chat_messages, png_data_url, step_logprobs  # noqa: F401
 from guardrail.engine.vllm_states import StatesClient, artifact_layers, states_server_args
@@ -536,7 +537,11 @@ class VllmBackend:
                                  "(start one: states_url= / --vllm-states-url, or an artifact with hidden-state blocks)")
             # the pooling engine computes the states while the generating one runs the greedy steps
             prompts = [self.prompt_ids(r) for r in rows]
-            pending = self.states.submit(prompts, layers, pooled)
+            counts: list[int] = []
+            if pooled:
+                with self.tokenizer_lock:
+                    counts = own_token_counts(self.adapter, rows)
+            pending = self.states.submit(prompts, layers, pooled, counts)
         rp = self._step_pass(rows, steps, readouts)
         if pending is not None:
             rp.states, rp.pooled = pending.result()

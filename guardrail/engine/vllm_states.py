@@ -7,7 +7,9 @@ on the same checkpoint, started as a pooling model with guardrail's states archi
 It answers `/v1/embeddings` for token ids with one vector per prompt:
 `[k, l_1 … l_k, mean_1 … mean_k, last_1 … last_k]` (every token's average, then the last token,
 for each served layer). This client sends the prompts (the same token ids as the generating
-server gets), checks the layout and hands back what the risk pass asked for.
+server gets), checks the layout and hands back what the risk pass asked for. The average over the
+request's own tokens (what `pooled` means, guardrail/engine/request_span.py) is the prompt's less
+its fixed prefix's, whose average the client asks for once per distinct prefix (`fetch`).
 
 Wire cost: 2·k·d float32 per prompt, base64-encoded (SmolLM2, 7 layers: 32 KB); nothing
 vocabulary-sized and no per-token states cross the wire.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import sys
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Sequence
 
@@ -26,6 +29,7 @@ from guardrail.errors import ModelError
 
 STATES_ARCH_PREFIX = "GuardrailStates"  # guardrail_vllm_states.ARCH_PREFIX
 STATES_CONFIG_KEY = "guardrail_layers"  # guardrail_vllm_states.CONFIG_KEY
+PREFIX_MEANS_KEPT = 64  # distinct prompt prefixes whose average a client keeps (one per template and safety prompt)
 
 
 def states_server_args(architecture: str, layers: Sequence[int]) -> list[str]:
@@ -65,6 +69,8 @@ class StatesClient:
         self.pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="guardrail-vllm-states")
         # whole passes wait on requests in `pool`, never the other way round: no pool starves itself
         self.passes = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="guardrail-vllm-states-pass")
+        self.prefix_means: dict[tuple[int, ...], tuple[list[int], torch.Tensor]] = {}
+        self.prefix_lock = threading.Lock()
         try:
             self.model_name = str(self.client.get("/v1/models").json()["data"][0]["id"])
         except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
@@ -88,17 +94,42 @@ class StatesClient:
             vector = vector.view(torch.int32).byteswap().view(torch.float32)  # pragma: no cover
         return decode_states(vector, self.hidden)
 
-    def submit(self, prompts: Sequence[list[int]], layers: Sequence[int], pooled: Sequence[int]) -> Future:
-        """`fetch` in the background (the risk pass's greedy steps run meanwhile on the other engine)."""
-        return self.passes.submit(self.fetch, prompts, layers, pooled)
+    def _prefix_mean(self, prefix: tuple[int, ...]) -> tuple[list[int], torch.Tensor]:
+        """(served layers, [k, d] average) over a prompt prefix alone, asked once per distinct prefix."""
+        with self.prefix_lock:
+            hit = self.prefix_means.get(prefix)
+        if hit is not None:
+            return hit
+        served, avg, _ = self._one(list(prefix))
+        with self.prefix_lock:
+            if len(self.prefix_means) >= PREFIX_MEANS_KEPT:
+                self.prefix_means.pop(next(iter(self.prefix_means)))
+            self.prefix_means[prefix] = (served, avg)
+        return served, avg
 
-    def fetch(self, prompts: Sequence[list[int]], layers: Sequence[int], pooled: Sequence[int]
-              ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-        """({layer: [B, d] last-token state}, {layer: [B, d] prompt average}) for `prompts`."""
+    def submit(self, prompts: Sequence[list[int]], layers: Sequence[int], pooled: Sequence[int],
+               own_counts: Sequence[int] = ()) -> Future:
+        """`fetch` in the background (the risk pass's greedy steps run meanwhile on the other engine)."""
+        return self.passes.submit(self.fetch, prompts, layers, pooled, own_counts)
+
+    def fetch(self, prompts: Sequence[list[int]], layers: Sequence[int], pooled: Sequence[int],
+              own_counts: Sequence[int] = ()) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        """({layer: [B, d] last-token state}, {layer: [B, d] average over the request's own tokens})
+        for `prompts`, whose last `own_counts[i]` tokens are row i's own (all of them when not given).
+
+        The server averages every token. A causal model gives a prompt's first T − n tokens the
+        states they have in that prefix alone, so the own tokens' average is the prompt's sum less
+        the prefix's: (T·mean − (T − n)·prefix mean) / n, the prefix's mean asked for once per
+        distinct prefix (in the risk prompts, the template and the safety prompt)."""
+        n_rows = len(prompts)
+        counts = [len(p) for p in prompts] if not own_counts else [int(c) for c in own_counts]
+        if len(counts) != n_rows or any(not 1 <= c <= len(p) for c, p in zip(counts, prompts)):
+            raise ModelError(f"own-token counts {list(counts)[:8]} do not fit prompts of {[len(p) for p in prompts][:8]} tokens")
         parts = list(self.pool.map(self._one, prompts))
-        n = len(prompts)
-        states = {int(l): torch.zeros(n, self.hidden) for l in layers}
-        means = {int(l): torch.zeros(n, self.hidden) for l in pooled}
+        prefixes = sorted({tuple(p[:len(p) - c]) for p, c in zip(prompts, counts) if c < len(p)}) if pooled else []
+        prefix_means = dict(zip(prefixes, self.pool.map(self._prefix_mean, prefixes)))
+        states = {int(l): torch.zeros(n_rows, self.hidden) for l in layers}
+        means = {int(l): torch.zeros(n_rows, self.hidden) for l in pooled}
         for row, (served, avg, last) in enumerate(parts):
             index = {l: i for i, l in enumerate(served)}
             missing = sorted({l for l in list(states) + list(means) if l not in index})
@@ -107,8 +138,17 @@ class StatesClient:
                                  f"{STATES_CONFIG_KEY} covering every layer the artifact's assessors read")
             for l in states:
                 states[l][row] = last[index[l]]
+            if not means:
+                continue
+            total, own = len(prompts[row]), counts[row]
+            if own < total:
+                p_served, p_avg = prefix_means[tuple(prompts[row][:total - own])]
+                p_index = {l: i for i, l in enumerate(p_served)}
             for l in means:
-                means[l][row] = avg[index[l]]
+                whole = avg[index[l]].double() * total
+                if own < total:
+                    whole -= p_avg[p_index[l]].double() * (total - own)
+                means[l][row] = (whole / own).float()
         return states, means
 
 

@@ -147,7 +147,7 @@ def gather(engine: Any, env: Any, policy: Any, rows: Sequence[dict[str, Any]], s
         raise CrossvalError("no rows to gather")
     policy = policy.with_default_stages(env.plugins.default_stage)
     key = _digest({"model": engine.fingerprint() if engine is not None else None, "steps": steps, "topk": topk,
-                   "pooled": True,
+                   "pooled": "own tokens",  # what `pooled` averages (changed 2026-12-02: the whole prompt before)
                    "reformulator": [policy.reformulator.use, policy.reformulator.params],
                    "rows": [row_key(r) for r in rows]})
     name = f"{rows[0]['modality']}-{rows[0]['source']}-{key[:16]}.pt"

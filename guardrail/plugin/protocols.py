@@ -74,7 +74,7 @@ class RiskNeeds:
 
     steps: int = 0  # greedy next-token distributions at response steps 1..steps
     layers: frozenset[int] = field(default_factory=frozenset)  # decoder-layer states, last prompt token
-    pooled: frozenset[int] = field(default_factory=frozenset)  # decoder-layer states, mean over prompt tokens
+    pooled: frozenset[int] = field(default_factory=frozenset)  # decoder-layer states, mean over the request's own tokens
     # typed statistics of the greedy steps (guardrail.engine.readouts), computed by the backend
     readouts: frozenset[Any] = field(default_factory=frozenset)
 

@@ -29,7 +29,7 @@ _WHERE = {
     **dict.fromkeys(("Artifacts", "Block", "BlockView"), "guardrail.method.artifacts"),
     **dict.fromkeys(("LogisticProbe", "MeanDifference", "choose_layer", "cross_validated_auroc", "fit_logistic", "fit_mean_difference", "logistic_scorer", "mean_difference_scorer"), "guardrail.method.probes"),
     **dict.fromkeys(("fit_mahalanobis", "score_mahalanobis"), "guardrail.method.contrastive"),
-    **dict.fromkeys(("CAPTION_PROMPT", "FIXED_REFUSAL", "risk_query"), "guardrail.method.prompts"),
+    **dict.fromkeys(("CAPTION_PROMPT", "FIXED_REFUSAL", "risk_query", "risk_row"), "guardrail.method.prompts"),
     **dict.fromkeys(("opens_refusal",), "guardrail.method.refusal"),
     **dict.fromkeys(("LN99", "alpha_for", "auroc", "calibrated_risk", "prototype_similarity"), "guardrail.method.risk_math"),
     **dict.fromkeys(("hookimpl",), "guardrail.plugin.hookspecs"),
@@ -62,7 +62,7 @@ __all__ = [
     "NO_STEERING", "PluginError", "Reformulation", "RequestView", "RiskNeeds", "RiskPass", "Score", "SimilarityReadout",
     "StageEnv", "SteeringPlan", "add_direction", "alpha_for", "auroc", "calibrated_risk", "chunked",
     "force_token", "hookimpl", "interpolate", "opens_refusal", "prototype_similarity", "require_block",
-    "risk_query", "LogisticProbe", "MeanDifference", "choose_layer", "cross_validated_auroc", "fit_logistic",
+    "risk_query", "risk_row", "LogisticProbe", "MeanDifference", "choose_layer", "cross_validated_auroc", "fit_logistic",
     "fit_mean_difference", "fit_mahalanobis", "score_mahalanobis", "logistic_scorer", "mean_difference_scorer", "CAPTION_PROMPT", "JsonlSink", "JsonlWriter",
     "PolicyError", "structlog_writer",
 ]

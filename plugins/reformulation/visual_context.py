@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from guardrail.plugin.sdk import ChatRow, PolicyError, Reformulation, RequestView, hookimpl, risk_query
+from guardrail.plugin.sdk import ChatRow, PolicyError, Reformulation, RequestView, hookimpl, risk_row
 
 
 class VisualContextReformulator:
@@ -81,7 +81,7 @@ class VisualContextReformulator:
             out.append(
                 Reformulation(
                     visual_context=vc,
-                    risk_prompt=ChatRow(risk_query(question, vc), images),
+                    risk_prompt=risk_row(question, vc, images),
                     answer_prompt=ChatRow(answer_text, images),
                     cache_hits=hit,
                     cache_misses=len(ctx.images) - hit,

@@ -1,32 +1,33 @@
-"""Assessor `pooled_probe`: the logistic probe read from states averaged over the whole risk prompt.
+"""Assessor `pooled_probe`: the logistic probe read from states averaged over the request's own tokens.
 
 `linear_probe` reads each middle layer at the *last* token of the reformulated query; this one
-reads the same layers (every other layer from 40 % to 80 % of the depth) averaged over every token
-of the query (the backend's `pooled` risk-pass input: padding left out, image tokens included).
+reads the same layers (every other layer from 40 % to 80 % of the depth) averaged over the
+request's own tokens: the visual context and question after the safety prompt, and the
+template's closing tokens (the backend's `pooled` risk-pass input, guardrail/engine/request_span.py).
 The last token sees the request only through attention and is dominated by how the prompt ends
 (its length, its phrasing, a format constraint); the average keeps what each token of the request
-says. Each layer's average is centred on the calibration's mean text prompt and scaled to unit length
-before the probe reads it: what the probe sees is the *direction* in which a request moves the
-average away from a typical prompt, not how far. The average mixes the request's tokens with the
-fixed safety prompt around them, so a short request moves it less than a long one saying the
-same; without the scaling the probe partly reads length, which differs by source (and by input
-format: the visual context of a typographic image adds its own tokens). Statistic: the probe's
-logit; risk = σ(α (t − S_base)) as for the other hidden-state assessors (S_base = calibration
-mean, the harmful mean maps to 0.99).
+says. The chat template's opening and the safety prompt are left out: a causal model gives them
+the same states in every row, so with them in, the average is mostly a constant diluted by the
+request's length. Each layer's average is centred on the calibration's mean text prompt and
+scaled to unit length before the probe reads it: what the probe sees is the *direction* in which
+a request moves the average away from a typical one, not how far (lengths differ by source and by
+input format). Statistic: the probe's logit; risk = σ(α (t − S_base)) as for the other
+hidden-state assessors (S_base = calibration mean, the harmful mean maps to 0.99).
 
 Why it ships (docs/results/crossval/): leave one source out over thirteen calibration sources on
 SmolLM2-135M it ranks held-out requests best of every assessor compared, text and typographic
-(calibrated on both formats: AUROC 0.973 text, 0.979 typographic; 0.967 / 0.963 for block v1's
-unscaled averages; the scaling was chosen on those same folds).
+(calibrated on both formats). The unit-length scaling and the own-token span were both chosen on
+those same folds.
 
-Needs the backend's pooled states: on a backend that cannot give them (vLLM) a policy using it is
-refused when it loads. The pass runs over the whole prompt, so an image prefix shared with the
-caption pass is recomputed for the risk pass.
+Needs the backend's pooled states: on a backend that cannot give them a policy using it is refused
+when it loads. On transformers the pass runs over the whole prompt, so an image prefix shared with
+the caption pass is recomputed for the risk pass.
 
-Block `pooled_probe` v2: tensors `centre` [k, d], `weight`, `mean`, `scale` [k·d], `bias` [1];
-meta: `layers`, `features: "direction"`, s_base, s_ref, alpha, `calibration_auroc` (in sample).
-Block v1 (before 2026-12-02, no `centre`: the probe read the raw averages) still loads and scores
-as it was fitted.
+Block `pooled_probe` v3: tensors `centre` [k, d], `weight`, `mean`, `scale` [k·d], `bias` [1];
+meta: `layers`, `pool: "own tokens"`, `features: "direction"`, s_base, s_ref, alpha,
+`calibration_auroc` (in sample). Blocks v1 and v2 (before 2026-12-02 evening) were fitted on
+averages over the whole prompt, which no backend gives any more: they are refused with a message
+to recalibrate.
 """
 
 from __future__ import annotations
@@ -52,15 +53,14 @@ else:  # the plugin registers without torch; a stage imports it when it first co
 NAME = "pooled_probe"
 
 
-def pooled_features(pooled: dict[int, Any], layers: Sequence[int], centre: torch.Tensor | None = None) -> torch.Tensor:
-    """The chosen layers' pooled states side by side, [n, len(layers)·d] float32; with `centre`
-    ([len(layers), d]) each layer's state minus its centre, scaled to unit length (block v2)."""
+def pooled_features(pooled: dict[int, Any], layers: Sequence[int], centre: torch.Tensor) -> torch.Tensor:
+    """The chosen layers' pooled states side by side, [n, len(layers)·d] float32: each layer's state
+    minus its centre ([len(layers), d]), scaled to unit length."""
     missing = [l for l in layers if l not in pooled]
     if missing:
         raise ArtifactError(f"assessor {NAME}: the risk pass gave no pooled states for layers {missing}")
     per_layer = [torch.as_tensor(pooled[l], dtype=torch.float32) for l in layers]
-    if centre is not None:
-        per_layer = [direction(x - c) for x, c in zip(per_layer, centre.float())]
+    per_layer = [direction(x - c) for x, c in zip(per_layer, centre.float())]
     return torch.cat(per_layer, dim=-1)
 
 
@@ -79,7 +79,7 @@ def text_centre(data: Any, layers: Sequence[int]) -> torch.Tensor:
 
 class PooledProbeCalibrator:
     name = NAME
-    version = 2
+    version = 3
     requires: tuple[str, ...] = ()
 
     def needs(self, ctx: Any) -> RiskNeeds:
@@ -94,20 +94,22 @@ class PooledProbeCalibrator:
         probe = fit_logistic(x[labels], x[~labels])
         meta = sigmoid_meta(probe.logit(x), labels, layers[0], {layers[0]: float("nan")})
         meta = {k: v for k, v in meta.items() if k not in ("layer", "cv_auroc", "cv_auroc_by_layer")}
-        meta.update(layers=layers, pool="mean", features="direction")
+        meta.update(layers=layers, pool="own tokens", features="direction")
         tensors = {"centre": centre, "weight": probe.weight, "bias": probe.bias.reshape(1), "mean": probe.mean,
                    "scale": probe.scale}
         dims = {k: (None,) for k in tensors} | {"centre": (None, "hidden")}  # the loader checks hidden_size
         return Block(self.version, meta, tensors, dims)
 
 
-def block_centre(view: Any, layers: Sequence[int], hidden: int) -> torch.Tensor | None:
-    """Block v2's `centre` checked against the model; None for a v1 block (raw averages)."""
-    if view.version == 1:
-        return None
-    if view.version != 2:
-        raise ArtifactError(f"artifact block {NAME!r} is version {view.version}; this assessor reads versions 1 "
-                            f"and 2 (recalibrate, or upgrade guardrail)")
+def block_centre(view: Any, layers: Sequence[int], hidden: int) -> torch.Tensor:
+    """Block v3's `centre`, checked against the model."""
+    if view.version in (1, 2):
+        raise ArtifactError(f"artifact block {NAME!r} is version {view.version}, fitted on averages over the whole "
+                            f"prompt; this assessor reads version 3 (averages over the request's own tokens): "
+                            f"recalibrate")
+    if view.version != 3:
+        raise ArtifactError(f"artifact block {NAME!r} is version {view.version}; this assessor reads version 3 "
+                            f"(recalibrate, or upgrade guardrail)")
     centre = view.tensor("centre")
     if tuple(centre.shape) != (len(layers), hidden):
         raise ArtifactError(f"artifact tensor '{NAME}/centre' has shape {list(centre.shape)}, the model needs "
@@ -118,7 +120,7 @@ def block_centre(view: Any, layers: Sequence[int], hidden: int) -> torch.Tensor 
 class PooledProbeAssessor:
     def __init__(self) -> None:
         self.params: ProbeParams | None = None
-        self.centre: torch.Tensor | None = None
+        self.centre: torch.Tensor | None = None  # set by check()
 
     def check(self, env: Any, policy: Any) -> None:
         hidden = env.engine.fingerprint()["hidden_size"]
