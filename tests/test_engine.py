@@ -218,7 +218,7 @@ def test_pooled_states_are_the_mean_over_the_requests_own_tokens(family, art_roo
     fixed = "Read the following with care, then answer it plainly. Request: "
     rows = [replace(plain[0], text=fixed + plain[0].text, own_from=len(fixed)), plain[1],
             replace(plain[2], text=fixed + plain[2].text, own_from=len(fixed))]
-    with backend.prefix_scope():  # pooled rows must not continue from a shared image prefix
+    with backend.prefix_scope():  # as the pipeline runs it: the own tokens follow any shared image prefix
         rp = backend.risk_pass(rows, 2, [1], pooled=[0, 2])
     alone = backend.risk_pass(rows, 0, [1])
     tokenizer = backend.adapter.tokenizer

@@ -209,14 +209,14 @@ def test_store_byte_budget_evicts_least_recently_used():
 
 
 @pytest.mark.parametrize("image_tenants, vision_calls", [
-    (("paper-repro", "paper-repro"), 1),  # last-token / step-logit risk: caption, risk, answer share
-    (("paper-repro", "research-lab"), 2),  # a pooled_probe policy's risk pass runs the whole prompt
+    (("paper-repro", "paper-repro"), 1),  # step-logit risk: caption, risk, answer share
+    (("paper-repro", "research-lab"), 1),  # pooled_probe's own-token average: the risk pass shares too
 ])
 def test_guardrail_batch_reuses_the_prefix_and_answers_identically(art_root, policies_dir, image_tenants, vision_calls):
     """One image in a batch is encoded once for caption, risk and answer, and the answers are the
-    unshared path's. A policy whose assessor reads states pooled over the whole risk prompt
-    (`research-lab`: permissive, which extends the pooled_probe default) needs those positions
-    computed, so its risk pass encodes the image once more; nothing else changes."""
+    unshared path's, also for a policy whose assessor averages the request's own tokens
+    (`research-lab`: permissive, which extends the pooled_probe default): those tokens follow the
+    shared image prefix, so its risk pass continues from the prefix like the others."""
     from guardrail.pipeline import Guardrail
     from guardrail.types import Request
 

@@ -199,12 +199,16 @@ class TransformersBackend:
         with self.lock:
             for idx in self._chunks(rows):
                 chunk = [rows[i] for i in idx]
-                # A pass with pooled states runs over the whole prompt, not on a shared image
-                # prefix's cache: the hooks see only the positions a forward computes.
-                inputs, shared = (self.sharing.encode(chunk), None) if pooled_list else self._inputs(chunk)
+                inputs, shared = self._inputs(chunk)
                 prompt_len = inputs["input_ids"].shape[1]
+                counts = own_token_counts(self.adapter, chunk) if pooled_list else []
+                if shared is not None and counts and max(counts) > prompt_len - shared.cached:
+                    # The hooks see only the positions a forward computes; the request's own
+                    # tokens follow the shared image prefix (its text differs from the caption
+                    # prompt's from the first character), so this is a safeguard.
+                    inputs, shared = self.sharing.encode(chunk), None
                 mask = inputs["attention_mask"]
-                own = tail_mask(mask, own_token_counts(self.adapter, chunk)) if pooled_list else mask
+                own = tail_mask(mask, counts) if pooled_list else mask
                 with contextlib.ExitStack() as stack:
                     cap = stack.enter_context(capture_states({l: decoder[l] for l in layer_list}, calls=1))
                     pool = stack.enter_context(capture_pooled({l: decoder[l] for l in pooled_list}, own))

@@ -3,8 +3,8 @@ the others, score the held-out source at the policy's bands, rotate.
 
 Design:
 - **one model pass per row.** The risk pass the guard runs (the policy's reformulator, then the
-  reformulated query: decoder-layer states at the last prompt token and averaged over the prompt's
-  tokens for every layer, and the first N greedy steps' next-token log-probabilities, top-K of
+  reformulated query: decoder-layer states at the last prompt token and averaged over the request's
+  own tokens for every layer, and the first N greedy steps' next-token log-probabilities, top-K of
   each kept) is computed once per row
   and input format and cached on disk under `<out>/cache/`, one file per (format, source), keyed
   by the model fingerprint, the rows and the settings. Reruns and report changes cost nothing.
@@ -78,7 +78,7 @@ def load_rows(home: Path, sources: Sequence[str], modality: str, limit: int | No
 @dataclass
 class Table:
     """Everything the assessors read, row-aligned: states [n, L, d] at the last prompt token (every
-    decoder layer), the same averaged over the prompt's tokens (`pooled`, [n, L, d]), and the
+    decoder layer), the same averaged over the request's own tokens (`pooled`, [n, L, d]), and the
     greedy steps' top-K token ids and log-probabilities [n, N, K]."""
 
     rows: list[dict[str, Any]]

@@ -103,13 +103,7 @@ def assess(ctxs: list[RequestContext], env: Any, runner: StageRunner) -> None:
 
         return commit
 
-    # A risk pass with pooled states runs over the whole prompt (no shared image prefix): rows
-    # whose policies need none get a pass of their own, so theirs keep sharing.
-    def needs_pooled(ctx: RequestContext) -> bool:
-        return any(a.needs(env).pooled for _, a in ctx.runtime.assessors)
-
-    for group in _grouped(live, needs_pooled):
-        runner.run("assess", group, run)
+    runner.run("assess", live, run)
 
 
 def _plan(controller: Any, strength: float, tokens: int, supported: frozenset[type]) -> SteeringPlan:
