@@ -14,7 +14,6 @@ import torch
 from conftest import FAMILIES, direction_plan, proto_plan, red_image, tiny_adapter, tiny_artifacts
 from guardrail.method.artifacts import load_artifacts
 from guardrail.engine.transformers import TransformersBackend
-from guardrail.errors import ModelError
 from guardrail.types import ChatRow, SteeringPlan
 
 MAX_NEW = 6
@@ -239,18 +238,3 @@ def test_pooled_states_are_the_mean_over_the_requests_own_tokens(family, art_roo
                 assert not torch.allclose(want, out.hidden_states[layer + 1][0].float().mean(0), atol=1e-3)
         torch.testing.assert_close(rp.states[1][i], alone.states[1][i], atol=1e-4, rtol=1e-3)
     assert len(rp.select([2]).pooled[0]) == 1
-
-
-def test_the_own_token_span_is_checked():
-    """A row whose `own_from` lies outside its text, or a count beyond a row's real tokens, is an
-    error naming it; the tail mask keeps the last n real tokens with left or right padding."""
-    from guardrail.engine.request_span import own_token_count, tail_mask
-
-    with pytest.raises(ModelError, match="character 99 of a 5-character text"):
-        own_token_count(tiny_adapter("llama"), ChatRow("hello", own_from=99))
-    left = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
-    assert tail_mask(left, [2, 4]).tolist() == [[0, 0, 0, 1, 1], [0, 1, 1, 1, 1]]
-    right = torch.tensor([[1, 1, 1, 0, 0]])
-    assert tail_mask(right, [2]).tolist() == [[0, 1, 1, 0, 0]]
-    with pytest.raises(ModelError, match="row 0 has 3 tokens, fewer than the 4"):
-        tail_mask(right, [4])
