@@ -90,9 +90,9 @@ def test_real_assessors_fit_and_score_on_synthetic_states(tmp_path):
 
 
 def test_outcomes_come_from_the_policy_bands():
-    policy = load_policy(ROOT / "policies" / "default.yaml")  # low ≤ 0.2 strength 0, then strength 1
-    assert not cv.flagged(policy, 0.1) and not cv.flagged(policy, 0.2)
-    assert cv.flagged(policy, 0.21) and cv.flagged(policy, 1.0)
+    policy = load_policy(ROOT / "policies" / "default.yaml")  # low ≤ 0.34 strength 0, then strength 1
+    assert not cv.flagged(policy, 0.1) and not cv.flagged(policy, 0.34)
+    assert cv.flagged(policy, 0.35) and cv.flagged(policy, 1.0)
 
 
 def test_metrics_and_one_class_auroc_against_the_pool():
