@@ -1,7 +1,7 @@
 """The host side of the vLLM states pass: decoder-layer states from a pooling `vllm serve`.
 
 A vLLM engine either generates or pools, so the layer states a hidden-state assessor reads
-(`pooled_probe`'s prompt averages, `linear_probe`'s last-token states) come from a second server
+(`pooled_probe`'s averages over the request's own tokens, `linear_probe`'s last-token states) come from a second server
 on the same checkpoint, started as a pooling model with guardrail's states architecture
 (`guardrail/engine/vllm_states_model.py`, which the server imports as `guardrail_vllm_states`).
 It answers `/v1/embeddings` for token ids with one vector per prompt:
