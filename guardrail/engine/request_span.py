@@ -24,14 +24,21 @@ from guardrail.errors import ModelError
 from guardrail.types import ChatRow
 
 
-def own_token_count(adapter: Any, row: ChatRow) -> int:
-    """How many of the row's last prompt tokens are the request's own (at least 1)."""
+def own_token_count(adapter: Any, row: ChatRow, cut_ids: dict[Any, list[int]] | None = None) -> int:
+    """How many of the row's last prompt tokens are the request's own (at least 1). `cut_ids`
+    keeps the encoded cut rows of one batch: its rows mostly share one (template and safety prompt)."""
     if not 0 <= row.own_from <= len(row.text):
         raise ModelError(f"a prompt row marks its request as starting at character {row.own_from} of a "
                          f"{len(row.text)}-character text")
     text_only = replace(row, images=())
     full = _ids(adapter, text_only)
-    cut = _ids(adapter, replace(text_only, text=row.text[:row.own_from]))
+    cut_row = replace(text_only, text=row.text[:row.own_from])
+    key = (cut_row.system, cut_row.text)
+    cut = cut_ids.get(key) if cut_ids is not None else None
+    if cut is None:
+        cut = _ids(adapter, cut_row)
+        if cut_ids is not None:
+            cut_ids[key] = cut
     shared = 0
     for a, b in zip(full, cut):
         if a != b:
@@ -41,7 +48,8 @@ def own_token_count(adapter: Any, row: ChatRow) -> int:
 
 
 def own_token_counts(adapter: Any, rows: Sequence[ChatRow]) -> list[int]:
-    return [own_token_count(adapter, r) for r in rows]
+    cut_ids: dict[Any, list[int]] = {}
+    return [own_token_count(adapter, r, cut_ids) for r in rows]
 
 
 def _ids(adapter: Any, row: ChatRow) -> list[int]:
