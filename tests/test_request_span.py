@@ -31,14 +31,20 @@ def test_the_own_token_span_is_checked():
 
 
 def test_a_risk_rows_own_tokens_are_its_question_and_the_templates_closing():
+    """The span decodes to exactly the question and what the template puts after it: the
+    safety prompt and the template's opening never count, whatever the question's length."""
     adapter = tiny_adapter("llama")
-    short, long = risk_row("Why?"), risk_row("Why is the sky blue on a clear day?")
-    a, b = own_token_counts(adapter, [short, long])
-    assert 1 <= a < b  # the safety prompt never counts, whatever the question's length
-    whole = len(adapter.encode([short])["input_ids"][0])
-    assert whole - a >= len(adapter.tokenizer(SAFETY_PROMPT.strip(), add_special_tokens=False)["input_ids"]) - 1
+    rows = [risk_row("Why?"), risk_row("Why is the sky blue on a clear day?")]
+    for row, n in zip(rows, own_token_counts(adapter, rows)):
+        ids = adapter.encode([row])["input_ids"][0].tolist()
+        rendered = adapter.prompt_text(row)
+        question = row.text[len(SAFETY_PROMPT):]
+        after_safety_prompt = rendered[rendered.index(SAFETY_PROMPT) + len(SAFETY_PROMPT):]
+        assert adapter.tokenizer.decode(ids[-n:]).strip() == after_safety_prompt.strip()
+        assert after_safety_prompt.startswith(question)
     # with own_from 0 the whole user text is the request's: only the template's opening is left out
-    assert own_token_count(adapter, ChatRow(short.text)) > a
+    short = rows[0]
+    assert own_token_count(adapter, ChatRow(short.text)) > own_token_count(adapter, short)
 
 
 class _FakeServer:
