@@ -142,9 +142,9 @@ def run(model: str, artifacts: Path | None, rounds: int, batch: int, answer_toke
         report["vllm_risk_pass_batch_s"] = time.perf_counter() - t
         # What the readout replaced: the same rows' risk pass as full-vocabulary log-probabilities
         # of the same greedy steps (what an assessor asking for raw step logits still gets).
-        from guardrail.method.prompts import risk_query
+        from guardrail.method.prompts import risk_row
 
-        risk_rows = [ChatRow(risk_query(p)) for p in mixed]
+        risk_rows = [risk_row(p) for p in mixed]
         steps = int(engine.artifacts.block("prototype_similarity").meta["steps"])
         t = time.perf_counter()
         engine.risk_pass(risk_rows, steps, [])
